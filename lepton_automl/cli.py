@@ -1,0 +1,282 @@
+"""The ``lepton`` command. The only module that writes to the terminal or configures log handlers."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lepton_automl.exceptions import LeptonError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Lepton AutoML: transfer-learning search over accuracy, latency and cost.")
+registry_app = typer.Typer(no_args_is_help=True, help="The backbone registry.")
+plugins_app = typer.Typer(no_args_is_help=True, help="Installed modality plugins.")
+app.add_typer(registry_app, name="registry")
+app.add_typer(plugins_app, name="plugins")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    from lepton_automl.log import set_verbosity
+
+    logger = logging.getLogger("lepton_automl")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=err, show_path=False, markup=False, log_time_format="%H:%M:%S")
+        logger.addHandler(handler)
+    set_verbosity(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _registry(registry_file: Optional[Path]) -> Any:
+    from lepton_automl.backbones import BackboneRegistry
+
+    registry = BackboneRegistry()
+    if registry_file is not None:
+        from lepton_registry import cards_from_file
+
+        for card in cards_from_file(registry_file):
+            registry.register(card, overwrite=True)
+    return registry
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _front_table(front: list[Any], recommended: int | None) -> Table:
+    table = Table(title="Pareto front (feasible trials; accuracy up, latency and cost down)")
+    for col in ("trial", "val acc", "test acc", "latency ms", "p90 ms", "cost USD", "size MB", "params M",
+                "backbone", "input", "training", "compression"):
+        table.add_column(col, justify="right" if col not in ("backbone", "training", "compression") else "left")
+    for r in front:
+        p = r.params
+        data = p.get("data__image_size") or p.get("data__max_length")
+        train = p.get("train__mode", "probe")
+        if train == "finetune":
+            train += f" last {p.get('train__blocks')} x{p.get('train__epochs')}ep"
+        mark = " *" if r.number == recommended else ""
+        table.add_row(
+            f"{r.number}{mark}", f"{r.accuracy:.4f}", _fmt(r.test_accuracy, ".4f"), f"{r.latency_ms:.3f}",
+            _fmt(r.latency_p90_ms, ".3f"), f"{r.cost_usd:.5f}", _fmt(r.size_mb, ".2f"), _fmt(r.params_m, ".2f"),
+            str(p.get("backbone")), str(data), train, str(p.get("quant__mode", "none")),
+        )
+    return table
+
+
+class _RichProgress:
+    """Trials and feature extraction shown as rich progress bars."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=False)
+        self.trials = self.progress.add_task("trials", total=total)
+        self._tasks: dict[str, Any] = {}
+
+    def features(self, desc: str, done: int, total: int) -> None:
+        if desc not in self._tasks:
+            self._tasks[desc] = self.progress.add_task(f"features {desc}", total=total)
+        self.progress.update(self._tasks[desc], completed=done)
+        if done >= total:
+            self.progress.remove_task(self._tasks.pop(desc))
+
+    def trial_done(self, study: Any, trial: Any) -> None:
+        self.progress.advance(self.trials)
+
+
+@app.command()
+def search(
+    data: str = typer.Option("demo:digits", help="Image folder, text table (.csv/.tsv/.jsonl/.parquet) or demo:digits."),
+    modality: Optional[str] = typer.Option(None, help="Modality plugin (default: detected from the data)."),
+    text_column: Optional[str] = typer.Option(None, help="Text column of a table."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a table."),
+    backbone: Optional[list[str]] = typer.Option(None, help="Restrict to these backbones (repeatable)."),
+    n_trials: int = typer.Option(20, help="Finished trials the study should hold (a rerun resumes)."),
+    timeout: Optional[float] = typer.Option(480.0, help="Stop starting new trials after this many seconds."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
+    study_name: Optional[str] = typer.Option(None, help="Study name (default: MODALITY-DATANAME)."),
+    sampler: str = typer.Option("tpe", help="tpe, nsga2 or random."),
+    seed: int = typer.Option(0, help="Seed of the split, the sampler and training."),
+    run_dir: Path = typer.Option(Path("lepton_runs"), help="Where studies, trial artifacts and caches go."),
+    warm_start: bool = typer.Option(True, help="Enqueue known-good configurations first."),
+    untrained: bool = typer.Option(False, help="Allow backbones without offline weights (random init)."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Hard limit on batch-1 latency."),
+    max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the model file size."),
+    max_cost_usd: Optional[float] = typer.Option(None, help="Hard limit on the cost objective."),
+    max_params: Optional[float] = typer.Option(None, help="Hard limit on parameters, in millions."),
+    train_hardware: str = typer.Option("local-cpu", help="Price profile of the training machine."),
+    serve_hardware: str = typer.Option("local-cpu", help="Price profile of the serving machine."),
+    predictions_per_month: float = typer.Option(1_000_000.0, help="Expected predictions, for the cost objective."),
+    hardware_file: Optional[Path] = typer.Option(None, help="TOML file of extra hardware profiles."),
+    registry_file: Optional[Path] = typer.Option(None, help="TOML/YAML file of extra backbone cards."),
+    pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy or latency."),
+    export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Search backbones, training, and quantization; print the Pareto front and export the pick."""
+    _setup_logging(verbose)
+    try:
+        from lepton_automl.search.engine import quiet_optuna
+        from lepton_automl.search.engine import search as run_search
+        from lepton_automl.search.front import pick as pick_row
+        from lepton_automl.search.objective import Limits
+
+        quiet_optuna()
+        limits = Limits(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_cost_usd=max_cost_usd,
+                        max_params_m=max_params)
+        progress = _RichProgress(total=n_trials)
+        with progress.progress:
+            outcome = run_search(
+                data, modality=modality, data_options={"text_column": text_column, "label_column": label_column},
+                registry=_registry(registry_file), backbones=backbone, storage=storage, study_name=study_name,
+                n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, run_root=run_dir,
+                warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
+                serve_profile=serve_hardware, predictions_per_month=predictions_per_month,
+                hardware_file=hardware_file, progress=progress.features, callbacks=[progress.trial_done],
+            )
+        for number, reason in outcome.failed:
+            err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)
+        if not outcome.front:
+            _fail(LeptonError("No feasible trial finished. Run more trials (--n-trials) or relax the --max-* limits."))
+        row, why = pick_row(outcome.front, rule=pick)
+        console.print(_front_table(outcome.front, row.number))
+        console.print(f"[bold]Recommended:[/] trial {row.number} ({pick}): {why}.", highlight=False)
+        target = export_dir or outcome.run_dir / "best"
+        _copy_export(Path(row.artifact), target)
+        from lepton_automl.report import write_html_report
+
+        report = write_html_report(outcome.run_dir / "report.html", outcome.study, outcome.front,
+                                   title=f"Lepton search {outcome.study.study_name}")
+        console.print(f"Exported to [bold]{target}[/] (safetensors + ONNX + model card).", highlight=False)
+        console.print(f"Report: {report}", highlight=False)
+        console.print(f"Study '{outcome.study.study_name}' is stored in {outcome.storage}; rerun the same "
+                      "command to resume, or add trials with a larger --n-trials.", highlight=False)
+        console.print(f"Try it: lepton predict {target} {outcome.splits.test.examples[0]}", highlight=False)
+    except LeptonError as exc:
+        _fail(exc)
+
+
+def _copy_export(source: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+
+
+@app.command()
+def export(
+    study_name: str = typer.Option(..., "--study", help="Study name."),
+    out: Path = typer.Option(..., help="Folder to write."),
+    trial: Optional[int] = typer.Option(None, help="Trial number (default: the pick rule on the front)."),
+    pick: str = typer.Option("balanced", help="balanced, accuracy or latency (when --trial is not given)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
+    run_dir: Path = typer.Option(Path("lepton_runs")),
+) -> None:
+    """Write one trial's model as safetensors + ONNX + model card."""
+    _setup_logging(False)
+    try:
+        import optuna
+
+        from lepton_automl.search.engine import default_storage, quiet_optuna
+        from lepton_automl.search.front import front_rows
+        from lepton_automl.search.front import pick as pick_row
+
+        quiet_optuna()
+        study = optuna.load_study(study_name=study_name, storage=storage or default_storage(run_dir))
+        if trial is None:
+            row, why = pick_row(front_rows(study), rule=pick)
+            console.print(f"Trial {row.number}: {why}.", highlight=False)
+            artifact = row.artifact
+        else:
+            match = [t for t in study.trials if t.number == trial]
+            if not match or match[0].state != optuna.trial.TrialState.COMPLETE:
+                raise LeptonError(f"Trial {trial} of {study_name!r} did not complete; pick one shown by `lepton search`.")
+            artifact = match[0].user_attrs.get("artifact")
+        if not artifact or not Path(artifact).is_dir():
+            raise LeptonError(f"The trial's files ({artifact}) are gone; rerun the search to recreate them.")
+        _copy_export(Path(artifact), out)
+        console.print(f"Exported to {out}", highlight=False)
+    except (LeptonError, KeyError) as exc:
+        _fail(exc if isinstance(exc, LeptonError) else LeptonError(str(exc)))
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="An export folder."),
+    inputs: list[str] = typer.Argument(..., help="Image files, or texts for a text model."),
+) -> None:
+    """Predict with an exported model."""
+    try:
+        from lepton_automl.export.artifact import Predictor
+
+        predictor = Predictor.load(model_dir)
+        for item, label in zip(inputs, predictor.predict(inputs)):
+            console.print(f"{item}\t{label}", highlight=False, markup=False)
+    except LeptonError as exc:
+        _fail(exc)
+
+
+@registry_app.command("list")
+def registry_list(
+    pattern: Optional[str] = typer.Argument(None, help="Shell-style pattern, e.g. 'efficientnet*'."),
+    modality: Optional[str] = typer.Option(None, help="Only this modality."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Only backbones whose weights load offline."),
+    registry_file: Optional[Path] = typer.Option(None, help="TOML/YAML file of extra backbone cards."),
+) -> None:
+    """List backbone cards."""
+    try:
+        registry = _registry(registry_file)
+        cards = registry.list(pattern, modality=modality, available=True if pretrained else None)
+        table = Table(title="Backbones")
+        for col in ("name", "ref", "modality", "params M", "input", "weights offline", "license"):
+            table.add_column(col, no_wrap=col in ("name", "ref"))
+        for c in cards:
+            size = f"{c.input_size[-1]}px" if c.input_size else (f"{c.max_length} tok" if c.max_length else "-")
+            table.add_row(c.name, c.ref, c.modality, _fmt(c.params_m, ".2f"), size,
+                          "yes" if registry.available(c) else "no", c.license)
+        console.print(table)
+    except LeptonError as exc:
+        _fail(exc)
+
+
+@plugins_app.command("list")
+def plugins_list() -> None:
+    """List modality plugins found by entry point."""
+    from lepton_automl.plugins import MODALITIES, PluginRegistry, autoload_disabled
+
+    registry = PluginRegistry(MODALITIES)
+    table = Table(title="Modality plugins" + (" (autoload disabled)" if autoload_disabled() else ""))
+    for col in ("name", "distribution", "version", "tasks", "target"):
+        table.add_column(col)
+    for name in registry:
+        spec = registry[name]
+        try:
+            tasks = ", ".join(registry.load(name).tasks)
+        except LeptonError as exc:
+            tasks = f"[red]broken: {exc}[/]"
+        table.add_row(name, spec.distribution, spec.version, tasks, spec.target)
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

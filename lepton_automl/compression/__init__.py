@@ -1,0 +1,1 @@
+"""Compression: quantization of exported ONNX models (pruning arrives in issue 4)."""

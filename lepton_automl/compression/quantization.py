@@ -1,0 +1,120 @@
+"""Int8 quantization of an exported ONNX model with ONNX Runtime (static) and optimum (dynamic).
+
+Which int8 scheme is used depends on the graph, not on a guess:
+
+- graphs with convolutions get **static** int8 (QDQ, signed 8-bit per-channel weights, unsigned
+  activations, calibrated with min-max ranges on training examples). Measured here on
+  efficientnet_lite0 at 96 px, batch 1, 2 cores: fp32 1.50 ms; QDQ s8 per-channel 0.72 ms;
+  QDQ u8/u8 (optimum's ``avx2`` preset) 7.5 ms, so the preset is not used.
+- graphs without convolutions (transformers) get **dynamic** int8 restricted to MatMul/Gemm.
+  Dynamic int8 is never applied to convolutions: it is 2-15x slower than fp32 on this CPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from lepton_automl.exceptions import ConfigError
+from lepton_automl.log import get_logger
+
+logger = get_logger(__name__)
+
+QUANT_MODES = ("none", "int8")
+
+
+def graph_has_conv(path: str | Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(node.op_type == "Conv" for node in model.graph.node)
+
+
+class _Reader:
+    """ONNX Runtime calibration reader over a list of feed dicts (one example each)."""
+
+    def __init__(self, rows: list[Mapping[str, np.ndarray]]) -> None:
+        self._it = iter(rows)
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def quantize_onnx(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    mode: str = "int8",
+    calibration: Iterable[Mapping[str, np.ndarray]] | None = None,
+) -> Path:
+    """Write an int8 version of ``src`` to ``dst``; ``mode`` is ``int8``, ``int8-static`` or ``int8-dynamic``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    if mode == "int8":
+        mode = "int8-static" if graph_has_conv(src) else "int8-dynamic"
+    if mode not in ("int8-static", "int8-dynamic"):
+        raise ConfigError(f"Unknown quantization mode {mode!r}. Use one of: int8, int8-static, int8-dynamic.")
+    static = mode == "int8-static"
+    rows = list(calibration or [])
+    if static and not rows:
+        raise ConfigError("Static int8 needs calibration examples; pass calibration=[{input: array}, ...].")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lepton-quant-") as tmp:
+        work = Path(tmp)
+        # Shape inference and graph clean-up first; ORT's quantizer is much better on the result.
+        quant_pre_process(str(src), str(work / "model.onnx"), skip_symbolic_shape=True)
+        if static:
+            # ONNX Runtime's own static quantizer: on efficientnet_lite0 digits (96 px) it kept 0.903
+            # validation accuracy (fp32 0.918) where optimum's ORTQuantizer.fit/quantize with the
+            # same QDQ s8/u8 per-channel settings gave 0.66, so the calibrated path goes direct.
+            with _quiet_root_logger():
+                quantize_static(
+                    str(work / "model.onnx"), str(dst), _Reader(rows), quant_format=QuantFormat.QDQ,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, per_channel=True,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    # All supported op types, not just Conv/Gemm: quantizing only the convolutions
+                    # leaves float Clip/pooling nodes between them, and the features' cosine to
+                    # fp32 fell to 0.87 (0.98 with every op quantized; efficientnet_lite0, 128 px).
+                    op_types_to_quantize=None,
+                )
+        else:
+            _dynamic_with_optimum(work, dst)
+    logger.debug("quantized %s -> %s (%s)", src.name, dst.name, mode)
+    return dst
+
+
+def _dynamic_with_optimum(work: Path, dst: Path) -> None:
+    """Dynamic int8 on MatMul/Gemm only, through optimum's ``ORTQuantizer``."""
+    from onnxruntime.quantization import QuantFormat, QuantizationMode, QuantType
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import QuantizationConfig
+
+    quantizer = ORTQuantizer.from_pretrained(work, file_name="model.onnx")
+    config = QuantizationConfig(
+        is_static=False, format=QuantFormat.QOperator, mode=QuantizationMode.IntegerOps,
+        activations_dtype=QuantType.QUInt8, weights_dtype=QuantType.QInt8, per_channel=False,
+        reduce_range=False, operators_to_quantize=["MatMul", "Gemm"],
+    )
+    with _quiet_root_logger():
+        out_dir = quantizer.quantize(quantization_config=config, save_dir=work / "out")
+    shutil.move(str(next(Path(out_dir).glob("*.onnx"))), dst)
+
+
+class _quiet_root_logger:
+    """ONNX Runtime's quantizer logs per-tensor notes on the root logger; keep them out of ours."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._logger = logging.getLogger()
+        self._level = self._logger.level
+        self._logger.setLevel(max(self._level, logging.WARNING))
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.setLevel(self._level)

@@ -1,0 +1,1 @@
+"""Cost: latency measured on the real exported artifact, and hardware price profiles."""

@@ -1,0 +1,150 @@
+"""An export folder: ``model.safetensors``, ``model.onnx`` (and ``model.int8.onnx``), ``lepton.json``,
+a model card ``README.md``, and the modality's assets (a tokenizer). ``Predictor`` loads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_automl.backbones import BackboneCard
+from lepton_automl.exceptions import ExportError
+from lepton_automl.export.card import render_model_card
+
+FORMAT_VERSION = 1
+METADATA = "lepton.json"
+
+
+def card_to_dict(card: BackboneCard) -> dict[str, Any]:
+    out = {f.name: getattr(card, f.name) for f in fields(card)}
+    out["build_kwargs"] = dict(card.build_kwargs)
+    return out
+
+
+def card_from_dict(data: Mapping[str, Any]) -> BackboneCard:
+    values = dict(data)
+    for key in ("input_size", "mean", "std", "tasks"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    return BackboneCard(**values)
+
+
+def save_artifact(
+    directory: str | Path,
+    *,
+    model: Any,
+    fp32_onnx: str | Path,
+    runtime_onnx: str | Path,
+    modality: Any,
+    card: BackboneCard,
+    params: Mapping[str, Any],
+    classes: Sequence[str],
+    preprocessing: Mapping[str, Any],
+    finetune_blocks: int,
+    metrics: Mapping[str, Any],
+    name: str = "Lepton model",
+) -> Path:
+    """Write an export folder. ``model`` is the torch ``ExportModel`` (saved as safetensors)."""
+    from safetensors.torch import save_file
+
+    from lepton_automl import __version__
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(_dedupe_shared(state), str(out / "model.safetensors"))
+    if Path(fp32_onnx).resolve() != (out / "model.onnx").resolve():
+        shutil.copyfile(fp32_onnx, out / "model.onnx")
+    runtime_file = "model.onnx"
+    if Path(runtime_onnx).resolve() != Path(fp32_onnx).resolve():
+        runtime_file = "model.int8.onnx"
+        if Path(runtime_onnx).resolve() != (out / runtime_file).resolve():
+            shutil.copyfile(runtime_onnx, out / runtime_file)
+    modality.save_assets(out, preprocessing=preprocessing)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "lepton_version": __version__,
+        "name": name,
+        "modality": modality.name,
+        "backbone": card_to_dict(card),
+        "params": dict(params),
+        "classes": list(map(str, classes)),
+        "preprocessing": dict(preprocessing),
+        "finetune_blocks": int(finetune_blocks),
+        "runtime_file": runtime_file,
+        "input_names": list(modality.input_names()),
+        "metrics": dict(metrics),
+    }
+    (out / METADATA).write_text(json.dumps(meta, indent=2, default=str))
+    (out / "README.md").write_text(render_model_card(meta))
+    return out
+
+
+def _dedupe_shared(state: dict[str, Any]) -> dict[str, Any]:
+    # safetensors refuses tensors that share memory (tied weights); keep a clone of each.
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out
+
+
+def load_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / METADATA
+    if not path.is_file():
+        raise ExportError(
+            f"{str(directory)!r} is not a Lepton export (no {METADATA}). Create one with "
+            "`lepton export --study NAME --trial N --out DIR`."
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(
+            f"{str(directory)!r} was written by a newer Lepton (format {meta['format_version']}). "
+            "Upgrade with `pip install -U lepton-automl`."
+        )
+    return meta
+
+
+class Predictor:
+    """Run an export folder with ONNX Runtime: raw inputs in, class names out."""
+
+    def __init__(self, directory: str | Path, *, threads: int | None = None, modalities: Any = None) -> None:
+        import onnxruntime as ort
+
+        from lepton_automl.plugins import MODALITIES, PluginRegistry
+
+        self.directory = Path(directory)
+        self.meta = load_metadata(self.directory)
+        registry = modalities or PluginRegistry(MODALITIES)
+        self.modality = registry.load(self.meta["modality"])()
+        self.preprocessing = self.modality.prepare(self.meta["preprocessing"], self.directory)
+        self.classes = list(self.meta["classes"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.directory / self.meta["runtime_file"]), options, providers=["CPUExecutionProvider"]
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path, **kwargs: Any) -> Predictor:
+        return cls(directory, **kwargs)
+
+    def logits(self, examples: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
+        outs = []
+        for start in range(0, len(examples), batch_size):
+            feeds = self.modality.encode(examples[start : start + batch_size], preprocessing=self.preprocessing)
+            outs.append(self.session.run(["logits"], feeds)[0])
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, items: Sequence[Any]) -> list[str]:
+        examples = self.modality.read_inputs(list(items))
+        return [self.classes[i] for i in self.logits(examples).argmax(1)]

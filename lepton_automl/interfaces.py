@@ -1,0 +1,131 @@
+"""The contracts between Lepton's core and its plugins.
+
+``Modality`` is the one a plugin author implements. The core calls its methods in this order for
+a search: ``load`` (ingest and validate, once), then per trial ``suggest`` (modality parameters),
+``build`` (backbone -> trunk and tail), ``encode`` (raw examples -> model inputs, batch by batch),
+and for export ``input_names``/``dynamic_axes``/``preprocessing``. ``predict`` reverses it:
+``read_inputs`` turns user files or strings into examples, then ``encode`` with the saved
+preprocessing. A modality must never modify the ``LabelledData`` it is given, nor global state
+(the torch seed, logging handlers).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+
+from lepton_automl.backbones import BackboneCard, BackboneRegistry
+from lepton_automl.data.dataset import LabelledData
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """A backbone cut in two: ``trunk`` stays frozen, ``tail`` may be fine-tuned.
+
+    ``trunk(*inputs)`` returns a tuple of tensors; ``tail(*that_tuple)`` returns features of shape
+    ``(batch, feature_dim)``. With ``finetune_blocks=0`` the tail is a plain pooling step, so the
+    trunk output is the frozen feature vector a linear probe trains on.
+    """
+
+    trunk: nn.Module
+    tail: nn.Module
+    feature_dim: int
+
+
+class Modality(ABC):
+    """How one kind of data becomes inputs for a backbone. Subclass it and register it by entry point."""
+
+    name: ClassVar[str]
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def can_load(self, source: Any) -> bool:
+        """True when ``source`` (a path, a URL-like string or an object) looks like this modality's data."""
+
+    @abstractmethod
+    def load(self, source: Any, *, options: Mapping[str, Any] | None = None) -> LabelledData:
+        """Ingest, validate and clean ``source``; errors name the file or row and the fix."""
+
+    @abstractmethod
+    def suggest(self, trial: Any, card: BackboneCard) -> dict[str, Any]:
+        """Suggest this modality's parameters on an Optuna ``trial`` (names prefixed ``data__``)."""
+
+    @abstractmethod
+    def default_params(self, card: BackboneCard) -> dict[str, Any]:
+        """The parameters ``suggest`` would pick for a sensible default (used by the facade)."""
+
+    @abstractmethod
+    def build(
+        self,
+        card: BackboneCard,
+        registry: BackboneRegistry,
+        *,
+        params: Mapping[str, Any],
+        finetune_blocks: int = 0,
+        pretrained: bool = True,
+    ) -> ModelParts:
+        """Load the backbone and cut it so that its last ``finetune_blocks`` blocks are trainable."""
+
+    @abstractmethod
+    def max_finetune_blocks(self, card: BackboneCard) -> int:
+        """How many trailing blocks ``build`` can hand to the tail."""
+
+    @abstractmethod
+    def encode(
+        self, examples: Sequence[Any], *, preprocessing: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """Turn raw examples into model inputs (name -> array with a leading batch axis)."""
+
+    @abstractmethod
+    def preprocessing(
+        self, card: BackboneCard, registry: BackboneRegistry, *, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON-serialisable description of ``encode``'s settings, saved with every export."""
+
+    @abstractmethod
+    def input_names(self) -> tuple[str, ...]:
+        """Names of the model inputs, in ``forward`` order (also the ONNX input names)."""
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: "batch"} for name in self.input_names()}
+
+    def warm_start_variants(self, card: BackboneCard) -> list[dict[str, Any]]:
+        """Modality parameters for the warm-start trials, best accuracy first (optional hook)."""
+        return [self.default_params(card)]
+
+    def read_inputs(self, items: Sequence[str]) -> list[Any]:
+        """Turn what a user passes to ``lepton predict`` into examples ``encode`` accepts."""
+        return list(items)
+
+    def save_assets(self, directory: Any, *, preprocessing: Mapping[str, Any]) -> None:
+        """Write files ``encode`` needs at predict time (a tokenizer, ...). Optional."""
+
+    def prepare(self, preprocessing: Mapping[str, Any], directory: Any) -> dict[str, Any]:
+        """Adjust saved ``preprocessing`` to an export folder at load time (optional hook)."""
+        return dict(preprocessing)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What one trial measured: the three objectives and everything reported beside them."""
+
+    accuracy: float
+    latency_ms: float
+    cost_usd: float
+    test_accuracy: float | None = None
+    latency_p90_ms: float | None = None
+    size_mb: float | None = None
+    params_m: float | None = None
+    train_seconds: float | None = None
+    artifact: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def values(self) -> tuple[float, float, float]:
+        return (self.accuracy, self.latency_ms, self.cost_usd)

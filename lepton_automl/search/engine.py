@@ -1,0 +1,190 @@
+"""The search: one Optuna study over the space, stored in SQLite by default, resumable.
+
+``search(...)`` ingests and splits the data through the modality plugin, builds the study
+(directions: maximize accuracy, minimize latency_ms, minimize cost_usd), enqueues warm-start trials
+on a fresh study, and runs trials until the study holds ``n_trials`` finished trials or ``timeout``
+passes. Rerunning with the same storage and study name resumes: finished trials count toward
+``n_trials``. A trial that raises is recorded as failed, with its reason, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from lepton_automl.backbones import BackboneRegistry
+from lepton_automl.cost.hardware import CostModel, get_profile, load_profiles
+from lepton_automl.data.dataset import Splits
+from lepton_automl.data.split import stratified_split
+from lepton_automl.exceptions import ConfigError, DataError, did_you_mean
+from lepton_automl.interfaces import Modality
+from lepton_automl.log import get_logger
+from lepton_automl.plugins import MODALITIES, PluginRegistry
+from lepton_automl.search.front import FrontRow, front_rows
+from lepton_automl.search.objective import Limits, TrialRunner
+from lepton_automl.search.space import SearchSpace, warm_start_configs
+from lepton_automl.training.cache import FeatureCache
+from lepton_automl.training.features import Progress
+
+logger = get_logger(__name__)
+
+DIRECTIONS = ("maximize", "minimize", "minimize")
+METRIC_NAMES = ["accuracy", "latency_ms", "cost_usd"]
+SAMPLERS = ("tpe", "nsga2", "random")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    study: Any
+    front: list[FrontRow]
+    splits: Splits
+    run_dir: Path
+    storage: str
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def resolve_modality(source: Any, name: str | None, modalities: PluginRegistry | None = None) -> Modality:
+    registry = modalities or PluginRegistry(MODALITIES)
+    if name is not None:
+        return registry.load(name)()
+    for mod_name, cls in registry.load_all().items():
+        instance = cls()
+        if instance.can_load(source):
+            logger.info("data %r looks like modality %r", source, mod_name)
+            return instance
+    raise DataError(
+        f"No installed modality recognises {source!r}. Pass --modality NAME "
+        f"(installed: {', '.join(registry) or 'none'})."
+    )
+
+
+def make_sampler(name: str, *, seed: int) -> optuna.samplers.BaseSampler:
+    def constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
+        return list(trial.constraints.values())
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=constraints,
+                                          n_startup_trials=6)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=8)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"Unknown sampler {name!r}.{did_you_mean(name, SAMPLERS)} Use one of {', '.join(SAMPLERS)}.")
+
+
+def default_storage(run_root: Path) -> str:
+    run_root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(run_root / 'lepton.db').resolve()}"
+
+
+def search(
+    data: Any,
+    *,
+    modality: str | Modality | None = None,
+    data_options: Mapping[str, Any] | None = None,
+    registry: BackboneRegistry | None = None,
+    backbones: Sequence[str] | None = None,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    n_trials: int = 20,
+    timeout: float | None = None,
+    sampler: str | optuna.samplers.BaseSampler = "tpe",
+    seed: int = 0,
+    run_root: str | Path = "lepton_runs",
+    warm_start: bool = True,
+    untrained: bool = False,
+    limits: Limits | None = None,
+    train_profile: str = "local-cpu",
+    serve_profile: str = "local-cpu",
+    predictions_per_month: float = 1_000_000.0,
+    hardware_file: str | Path | None = None,
+    space_options: Mapping[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    callbacks: Sequence[Callable[[Any, Any], None]] = (),
+) -> SearchOutcome:
+    """Run (or resume) a multi-objective search and return the study and its Pareto front."""
+    registry = registry or BackboneRegistry()
+    mod = modality if isinstance(modality, Modality) else resolve_modality(data, modality)
+    labelled = mod.load(data, options=data_options)
+    splits = stratified_split(labelled, seed=seed)
+    logger.info("data %s: %d examples, %d classes; split %d/%d/%d", labelled.name, len(labelled),
+                labelled.num_classes, len(splits.train), len(splits.validation), len(splits.test))
+
+    names = list(backbones) if backbones else [
+        c.name for c in registry.list(modality=mod.name, available=None if untrained else True)
+    ]
+    for name in names:
+        card = registry.get(name)
+        if card.modality != mod.name:
+            raise ConfigError(f"Backbone {name!r} is for {card.modality!r} data, not {mod.name!r}.")
+        if not untrained and not registry.available(card):
+            raise ConfigError(
+                f"Backbone {name!r} has no weights available offline. Pick one listed by "
+                f"`lepton registry list --pretrained --modality {mod.name}`, or pass --untrained."
+            )
+    space = SearchSpace(backbones=tuple(names), **dict(space_options or {}))
+
+    run_root = Path(run_root)
+    study_name = study_name or f"{mod.name}-{labelled.name}"
+    storage = storage or default_storage(run_root)
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, directions=list(DIRECTIONS),
+        sampler=sampler if isinstance(sampler, optuna.samplers.BaseSampler) else make_sampler(sampler, seed=seed),
+        load_if_exists=True,
+    )
+    fingerprint = splits.fingerprint()
+    known = study.user_attrs.get("data_fingerprint")
+    if known is not None and known != fingerprint:
+        raise ConfigError(
+            f"Study {study_name!r} in {storage} was run on different data (or another seed). "
+            "Pass a new --study-name, or the same data and seed to resume."
+        )
+    if known is None:
+        study.set_metric_names(METRIC_NAMES)
+        study.set_user_attr("data_fingerprint", fingerprint)
+        study.set_user_attr("modality", mod.name)
+        study.set_user_attr("classes", list(splits.classes))
+    if warm_start and not study.trials:
+        card = registry.get(min(names, key=lambda n: registry.get(n).params_m or 0.0))
+        for config in warm_start_configs(space, mod, registry, mod.warm_start_variants(card)):
+            study.enqueue_trial(config, skip_if_exists=True)
+
+    profiles = load_profiles(hardware_file)
+    cost = CostModel(train=get_profile(train_profile, profiles), serve=get_profile(serve_profile, profiles),
+                     predictions_per_month=predictions_per_month)
+    cache = FeatureCache(Path(cache_dir) if cache_dir else run_root / "feature-cache")
+    run_dir = run_root / study_name
+    runner = TrialRunner(modality=mod, registry=registry, splits=splits, space=space, cache=cache, cost=cost,
+                         run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
+                         threads=threads, progress=progress)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    remaining = max(0, n_trials - done)
+    if remaining == 0:
+        logger.info("study %r already has %d finished trials; nothing to run", study_name, done)
+    else:
+        logger.info("study %r: running %d trials (%d already finished) in %s", study_name, remaining, done,
+                    storage if isinstance(storage, str) else type(storage).__name__)
+        study.optimize(runner, n_trials=remaining, timeout=timeout, catch=(Exception,),
+                       callbacks=list(callbacks), gc_after_trial=True)
+    failed = [(t.number, t.user_attrs.get("fail_reason", "unknown"))
+              for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+    storage_str = storage if isinstance(storage, str) else type(storage).__name__
+    return SearchOutcome(study=study, front=front_rows(study), splits=splits, run_dir=run_dir,
+                         storage=storage_str, failed=failed)
+
+
+def quiet_optuna() -> None:
+    """Optuna logs each trial at INFO; Lepton reports trials itself."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def cpu_threads() -> int:
+    return os.cpu_count() or 1

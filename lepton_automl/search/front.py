@@ -1,0 +1,68 @@
+"""The Pareto front of a study, as rows, and the rule that names one recommended trial."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lepton_automl.exceptions import ConfigError
+
+PICK_RULES = ("balanced", "accuracy", "latency")
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    number: int
+    accuracy: float
+    latency_ms: float
+    cost_usd: float
+    test_accuracy: float | None
+    latency_p90_ms: float | None
+    size_mb: float | None
+    params_m: float | None
+    params: dict[str, Any]
+    artifact: str | None
+
+
+def front_rows(study: Any) -> list[FrontRow]:
+    """Feasible, completed, non-dominated trials, fastest first."""
+    rows = []
+    for t in study.best_trials:
+        ua = t.user_attrs
+        rows.append(
+            FrontRow(
+                number=t.number, accuracy=t.values[0], latency_ms=t.values[1], cost_usd=t.values[2],
+                test_accuracy=ua.get("test_accuracy"), latency_p90_ms=ua.get("latency_p90_ms"),
+                size_mb=ua.get("size_mb"), params_m=ua.get("params_m"), params=dict(t.params),
+                artifact=ua.get("artifact"),
+            )
+        )
+    return sorted(rows, key=lambda r: (r.latency_ms, -r.accuracy))
+
+
+def pick(rows: list[FrontRow], *, rule: str = "balanced", tolerance: float = 0.01) -> tuple[FrontRow, str]:
+    """Name one trial of the front and say why.
+
+    - ``accuracy``: the most accurate (ties: the faster);
+    - ``latency``: the fastest;
+    - ``balanced``: the fastest whose validation accuracy is within ``tolerance`` of the best.
+    """
+    if rule not in PICK_RULES:
+        raise ConfigError(f"Unknown pick rule {rule!r}. Use one of: {', '.join(PICK_RULES)}.")
+    if not rows:
+        raise ConfigError("The study has no feasible completed trial yet; run more trials or relax the limits.")
+    best_acc = max(r.accuracy for r in rows)
+    if rule == "accuracy":
+        row = min(rows, key=lambda r: (-r.accuracy, r.latency_ms))
+        return row, f"highest validation accuracy on the front ({row.accuracy:.4f})"
+    if rule == "latency":
+        row = min(rows, key=lambda r: (r.latency_ms, -r.accuracy))
+        return row, f"lowest latency on the front ({row.latency_ms:.3f} ms)"
+    close = [r for r in rows if r.accuracy >= best_acc - tolerance - 1e-12]
+    row = min(close, key=lambda r: (r.latency_ms, r.cost_usd))
+    speedup = max(r.latency_ms for r in close) / row.latency_ms if row.latency_ms > 0 else math.inf
+    return row, (
+        f"fastest trial within {tolerance:.0%} of the best validation accuracy ({best_acc:.4f}): "
+        f"{row.accuracy:.4f} at {row.latency_ms:.3f} ms, {speedup:.1f}x faster than the slowest such trial"
+    )

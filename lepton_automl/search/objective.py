@@ -1,0 +1,198 @@
+"""One trial: configuration -> trained model -> exported, compressed artifact -> measured objectives.
+
+Every number a trial reports is measured on the artifact it would ship: accuracy by running the
+(possibly quantized) ONNX file on the validation split with ONNX Runtime, latency by timing that
+file at batch 1, cost from the measured seconds and latency.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_automl.backbones import BackboneRegistry
+from lepton_automl.compression.quantization import quantize_onnx
+from lepton_automl.cost.hardware import CostModel
+from lepton_automl.cost.latency import measure_onnx_latency
+from lepton_automl.data.dataset import LabelledData, Splits
+from lepton_automl.export.artifact import save_artifact
+from lepton_automl.export.onnx import export_onnx
+from lepton_automl.interfaces import Modality, TrialResult
+from lepton_automl.log import get_logger
+from lepton_automl.search.space import SearchSpace, suggest
+from lepton_automl.training.cache import FeatureCache, cache_key
+from lepton_automl.training.features import Progress, run_trunk_fast
+from lepton_automl.training.trainer import (
+    ExportModel,
+    TrainConfig,
+    tail_features,
+    train_probe,
+    train_tail,
+)
+
+logger = get_logger(__name__)
+
+CALIBRATION_EXAMPLES = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits; a trial over any of them is infeasible and never enters the front."""
+
+    max_latency_ms: float | None = None
+    max_size_mb: float | None = None
+    max_cost_usd: float | None = None
+    max_params_m: float | None = None
+
+    def constraints(self, result: TrialResult) -> dict[str, float]:
+        """Optuna constraint values: <= 0 is feasible."""
+        pairs = {
+            "latency_ms": (result.latency_ms, self.max_latency_ms),
+            "size_mb": (result.size_mb, self.max_size_mb),
+            "cost_usd": (result.cost_usd, self.max_cost_usd),
+            "params_m": (result.params_m, self.max_params_m),
+        }
+        return {k: float(v - lim) for k, (v, lim) in pairs.items() if lim is not None and v is not None}
+
+
+def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    correct = 0
+    for start in range(0, len(data), 64):
+        feeds = modality.encode(data.examples[start : start + 64], preprocessing=preprocessing)
+        logits = session.run(["logits"], feeds)[0]
+        if not np.all(np.isfinite(logits)):
+            raise FloatingPointError("the exported model produced NaN/inf logits")
+        correct += int((logits.argmax(1) == data.labels[start : start + 64]).sum())
+    return correct / max(1, len(data))
+
+
+@dataclass
+class TrialRunner:
+    """Callable objective for ``study.optimize``; holds the state shared by all trials of a search."""
+
+    modality: Modality
+    registry: BackboneRegistry
+    splits: Splits
+    space: SearchSpace
+    cache: FeatureCache
+    cost: CostModel
+    run_dir: Path
+    limits: Limits = field(default_factory=Limits)
+    seed: int = 0
+    pretrained: bool = True
+    threads: int | None = None
+    progress: Progress | None = None
+
+    def __call__(self, trial: Any) -> tuple[float, float, float]:
+        params = suggest(trial, self.space, self.modality, self.registry)
+        try:
+            result = self.evaluate(params, trial_dir=self.run_dir / f"trial-{trial.number:04d}",
+                                   seed=self.seed + trial.number)
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        for key, value in self.limits.constraints(result).items():
+            trial.set_constraint(key, value)
+        for key in ("test_accuracy", "latency_p90_ms", "size_mb", "params_m", "train_seconds", "artifact"):
+            trial.set_user_attr(key, getattr(result, key))
+        for key, value in result.extra.items():
+            trial.set_user_attr(key, value)
+        return result.values
+
+    # -- one configuration, end to end ------------------------------------------------------
+    def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int) -> TrialResult:
+        start = time.perf_counter()
+        card = self.registry.get(params["backbone"])
+        blocks = int(params.get("train__blocks", 0)) if params.get("train__mode") == "finetune" else 0
+        parts = self.modality.build(card, self.registry, params=params, finetune_blocks=blocks,
+                                    pretrained=self.pretrained)
+        prep = self.modality.preprocessing(card, self.registry, params=params)
+        key = cache_key({
+            "ref": card.ref, "weights": card.weights, "build": dict(card.build_kwargs),
+            "pretrained": self.pretrained, "prep": prep, "blocks": blocks,
+            "data": self.splits.fingerprint(), "modality": self.modality.name,
+        })
+        cached = self.cache.get(key)
+        if cached is None:
+            t0 = time.perf_counter()
+            arrays = {
+                split: run_trunk_fast(parts.trunk, self.modality, getattr(self.splits, split).examples,
+                                 preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}")
+                for split in ("train", "validation")
+            }
+            cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,
+                                    label=f"{card.name} {prep} blocks={blocks}")
+        own_start = time.perf_counter()
+        train_inputs = cached.arrays["train"]
+        labels = self.splits.train.labels
+        cfg = TrainConfig(lr=float(params.get("optim__lr", 1e-3)),
+                          weight_decay=float(params["optim__weight_decay"]), seed=seed)
+        num_classes = len(self.splits.classes)
+        if blocks == 0:
+            head = train_probe(np.asarray(train_inputs[0]), labels, num_classes, cfg)
+        else:
+            feats = tail_features(parts.tail, train_inputs)
+            head = train_probe(feats, labels, num_classes, cfg)
+            ft = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=int(params["train__epochs"]),
+                             seed=seed)
+            train_tail(parts.tail, head, train_inputs, labels, ft)
+        model = ExportModel(parts.trunk, parts.tail, head).eval()
+
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
+        fp32 = export_onnx(model, example, trial_dir / "model.onnx",
+                           input_names=self.modality.input_names(), dynamic_axes=self.modality.dynamic_axes())
+        runtime = fp32
+        if params.get("quant__mode", "none") != "none":
+            calib = [self.modality.encode([e], preprocessing=prep)
+                     for e in self._calibration_examples(seed)]
+            runtime = quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=str(params["quant__mode"]),
+                                    calibration=calib)
+        accuracy = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
+        test_accuracy = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
+        latency = measure_onnx_latency(runtime, example, threads=self.threads)
+        train_seconds = cached.seconds + (time.perf_counter() - own_start)
+        cost = self.cost.total_usd(train_seconds=train_seconds, latency_ms=latency.median_ms)
+        params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        size_mb = Path(runtime).stat().st_size / 2**20
+        if not math.isfinite(accuracy):
+            raise FloatingPointError("accuracy is not finite")
+        metrics = {
+            "accuracy": accuracy, "test_accuracy": test_accuracy, "latency_ms": latency.median_ms,
+            "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs, "latency_threads": latency.threads,
+            "latency_device": latency.device, "cost_usd": cost, "train_seconds": train_seconds,
+            "size_mb": size_mb, "params_m": params_m,
+        }
+        save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
+                      card=card, params=params, classes=self.splits.classes, preprocessing=prep,
+                      finetune_blocks=blocks, metrics=metrics, name=f"{self.splits.train.name} classifier")
+        logger.info(
+            "%s %s %s quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)",
+            card.name, {k: v for k, v in params.items() if k.startswith("data__")}, params["train__mode"],
+            params.get("quant__mode"), accuracy, latency.median_ms, cost, time.perf_counter() - start,
+            ", features cached" if cached.hit else "",
+        )
+        return TrialResult(
+            accuracy=accuracy, latency_ms=latency.median_ms, cost_usd=cost, test_accuracy=test_accuracy,
+            latency_p90_ms=latency.p90_ms, size_mb=size_mb, params_m=params_m, train_seconds=train_seconds,
+            artifact=str(trial_dir), extra={"cache_hit": cached.hit, "latency_runs": latency.runs,
+                                            "latency_threads": latency.threads},
+        )
+
+    def _calibration_examples(self, seed: int) -> list[Any]:
+        rng = np.random.default_rng(seed)
+        n = min(CALIBRATION_EXAMPLES, len(self.splits.train))
+        idx = rng.choice(len(self.splits.train), size=n, replace=False)
+        return [self.splits.train.examples[i] for i in idx]
+
+
+ProgressFactory = Callable[[], Progress]

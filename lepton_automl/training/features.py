@@ -1,0 +1,91 @@
+"""Run a frozen trunk over a dataset, batch by batch, through the modality's ``encode``.
+
+The trunk is exported to ONNX and run with ONNX Runtime when it can be: for efficientnet_lite0 at
+224 px on 2 cores, torch eager extracted digits features at about 23 images/s and ONNX Runtime
+at about 4x that (see benchmarks/). If the export fails, torch eager is used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton_automl.interfaces import Modality
+
+Progress = Callable[[str, int, int], None]
+
+
+@torch.no_grad()
+def run_trunk(
+    trunk: nn.Module,
+    modality: Modality,
+    examples: Sequence[Any],
+    *,
+    preprocessing: Mapping[str, Any],
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    desc: str = "features",
+) -> tuple[np.ndarray, ...]:
+    """Trunk outputs for all ``examples``, concatenated per output."""
+    trunk.eval()
+    chunks: list[tuple[np.ndarray, ...]] = []
+    for start in range(0, len(examples), batch_size):
+        inputs = modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)
+        tensors = [torch.from_numpy(inputs[n]) for n in modality.input_names()]
+        outs = trunk(*tensors)
+        chunks.append(tuple(o.detach().cpu().numpy() for o in outs))
+        if progress is not None:
+            progress(desc, min(start + batch_size, len(examples)), len(examples))
+    return tuple(np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0])))
+
+
+def run_trunk_fast(
+    trunk: nn.Module,
+    modality: Modality,
+    examples: Sequence[Any],
+    *,
+    preprocessing: Mapping[str, Any],
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    desc: str = "features",
+) -> tuple[np.ndarray, ...]:
+    """``run_trunk`` through ONNX Runtime (same outputs within float tolerance), torch as fallback."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from lepton_automl.exceptions import ExportError
+    from lepton_automl.export.onnx import export_onnx
+
+    names = modality.input_names()
+    example = modality.encode(examples[:1], preprocessing=preprocessing)
+    with torch.no_grad():
+        n_out = len(trunk(*[torch.from_numpy(example[n]) for n in names]))
+    out_names = [f"out{i}" for i in range(n_out)]
+    with tempfile.TemporaryDirectory(prefix="lepton-trunk-") as tmp:
+        try:
+            path = export_onnx(trunk, example, Path(tmp) / "trunk.onnx", input_names=names,
+                               dynamic_axes=modality.dynamic_axes(), output_names=out_names)
+        except ExportError:
+            return run_trunk(trunk, modality, examples, preprocessing=preprocessing, batch_size=batch_size,
+                             progress=progress, desc=desc)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        chunks: list[list[np.ndarray]] = []
+        for start in range(0, len(examples), batch_size):
+            feeds = modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)
+            chunks.append(session.run(out_names, {n: feeds[n] for n in names}))
+            if progress is not None:
+                progress(desc, min(start + batch_size, len(examples)), len(examples))
+    return tuple(np.concatenate([c[i] for c in chunks]) for i in range(n_out))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start

@@ -1,0 +1,155 @@
+"""Train a classification head (linear probe) or a tail plus head (partial fine-tuning).
+
+Both run on cached trunk outputs, so the frozen part of the backbone is computed once per
+(backbone, preprocessing, data) and never again. Each call owns a ``torch.Generator`` seeded by the
+caller: the global torch seed is never touched (deep-river issue 172).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton_automl.exceptions import LeptonError
+
+
+class Standardize(nn.Module):
+    """Fixed per-feature standardisation, stored as buffers so that it exports with the head."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def make_head(features: np.ndarray, num_classes: int, *, generator: torch.Generator) -> nn.Sequential:
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    mean, std = x.mean(0), x.std(0)
+    # Floor each feature's scale at the median scale: dead (constant) features would otherwise be
+    # multiplied by ~1e6, and any change to them (fine-tuning, int8 rounding) would swamp the logits.
+    std = std.clamp(min=float(std.median().clamp(min=1e-6)))
+    linear = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(x.shape[1])
+        linear.weight.uniform_(-bound, bound, generator=generator)
+        linear.bias.zero_()
+    return nn.Sequential(Standardize(mean, std), linear)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    epochs: int = 3  # fine-tuning passes over the data
+    probe_iters: int = 200  # L-BFGS iterations for the linear probe
+    batch_size: int = 32
+    seed: int = 0
+
+
+class TrainingDiverged(LeptonError):
+    """The loss became NaN or infinite."""
+
+
+def _check(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"training loss became {loss.item()}; lower optim__lr")
+
+
+def train_probe(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, cfg: TrainConfig,
+) -> nn.Sequential:
+    """A linear probe: L2-regularised multinomial logistic regression on standardised features.
+
+    The problem is convex, so it is solved to convergence with full-batch L-BFGS rather than run
+    for a fixed number of SGD steps: on digits features of efficientnet_lite0 (96 px) this gives
+    0.959 validation accuracy where 300 AdamW steps gave 0.915-0.937 depending on the learning rate.
+    ``cfg.weight_decay`` is the L2 strength (lambda in CE + lambda/2 * ||W||^2); ``cfg.lr`` is unused.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head = make_head(features, num_classes, generator=gen)
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    linear = head[1]
+    with torch.no_grad():
+        z = head[0](x)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=cfg.probe_iters,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(linear(z), y) + 0.5 * cfg.weight_decay * linear.weight.pow(2).sum()
+        _check(loss)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    head.eval()
+    return head
+
+
+def train_tail(
+    tail: nn.Module,
+    head: nn.Sequential,
+    inputs: tuple[np.ndarray, ...],
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    should_stop: Callable[[int, nn.Module], bool] | None = None,
+) -> None:
+    """Fine-tune ``tail`` and ``head`` together on cached trunk outputs (in place).
+
+    Normalisation layers keep their running statistics (eval mode): with a few thousand examples,
+    re-estimating them from small batches hurts more than it helps.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = [p for p in list(tail.parameters()) + list(head.parameters())]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tensors = [torch.as_tensor(np.asarray(a)) for a in inputs]
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    n = len(y)
+    tail.eval()
+    head.train()
+    for epoch in range(max(1, cfg.epochs)):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(head(tail(*[t[idx] for t in tensors])), y[idx])
+            _check(loss)
+            loss.backward()
+            opt.step()
+        if should_stop is not None and should_stop(epoch + 1, head):
+            break
+    for p in params:
+        p.requires_grad_(False)
+    head.eval()
+
+
+class ExportModel(nn.Module):
+    """trunk -> tail -> head as one module: raw model inputs in, logits out."""
+
+    def __init__(self, trunk: nn.Module, tail: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.tail, self.head = trunk, tail, head
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(*self.trunk(*inputs)))
+
+
+@torch.no_grad()
+def tail_features(tail: nn.Module, inputs: tuple[np.ndarray, ...], *, batch_size: int = 256) -> np.ndarray:
+    tail.eval()
+    tensors = [torch.as_tensor(np.asarray(a)) for a in inputs]
+    n = tensors[0].shape[0]
+    out = [tail(*[t[s : s + batch_size] for t in tensors]) for s in range(0, n, batch_size)]
+    return torch.cat(out).numpy()

