@@ -21,8 +21,9 @@ plugins_app = typer.Typer(no_args_is_help=True, help="Installed modality plugins
 app.add_typer(registry_app, name="registry")
 app.add_typer(plugins_app, name="plugins")
 
-console = Console()
-err = Console(stderr=True)
+# A wide console when the output is a file or a pipe, so that the front's table is never truncated.
+console = Console(width=None if sys.stdout.isatty() else 180)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -11,8 +11,8 @@ from lepton_automl.exceptions import DataError
 def stratified_split(
     data: LabelledData,
     *,
-    validation: float = 0.15,
-    test: float = 0.15,
+    validation: float = 0.2,
+    test: float = 0.2,
     seed: int = 0,
 ) -> Splits:
     """Split ``data`` per class so each subset keeps the class proportions; same seed, same split."""

@@ -10,6 +10,7 @@ passes. Rerunning with the same storage and study name resumes: finished trials 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,14 +66,12 @@ def resolve_modality(source: Any, name: str | None, modalities: PluginRegistry |
 
 
 def make_sampler(name: str, *, seed: int) -> optuna.samplers.BaseSampler:
-    def constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-        return list(trial.constraints.values())
-
+    # Optuna 5 samplers read the constraints each trial stores with Trial.set_constraint; the old
+    # constraints_func argument is deprecated there.
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=constraints,
-                                          n_startup_trials=6)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=8)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"Unknown sampler {name!r}.{did_you_mean(name, SAMPLERS)} Use one of {', '.join(SAMPLERS)}.")
@@ -107,6 +106,8 @@ def search(
     space_options: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    validation_fraction: float = 0.2,
+    test_fraction: float = 0.2,
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> SearchOutcome:
@@ -114,7 +115,7 @@ def search(
     registry = registry or BackboneRegistry()
     mod = modality if isinstance(modality, Modality) else resolve_modality(data, modality)
     labelled = mod.load(data, options=data_options)
-    splits = stratified_split(labelled, seed=seed)
+    splits = stratified_split(labelled, validation=validation_fraction, test=test_fraction, seed=seed)
     logger.info("data %s: %d examples, %d classes; split %d/%d/%d", labelled.name, len(labelled),
                 labelled.num_classes, len(splits.train), len(splits.validation), len(splits.test))
 
@@ -148,7 +149,9 @@ def search(
             "Pass a new --study-name, or the same data and seed to resume."
         )
     if known is None:
-        study.set_metric_names(METRIC_NAMES)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(METRIC_NAMES)
         study.set_user_attr("data_fingerprint", fingerprint)
         study.set_user_attr("modality", mod.name)
         study.set_user_attr("classes", list(splits.classes))

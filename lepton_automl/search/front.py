@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +60,10 @@ def pick(rows: list[FrontRow], *, rule: str = "balanced", tolerance: float = 0.0
         return row, f"lowest latency on the front ({row.latency_ms:.3f} ms)"
     close = [r for r in rows if r.accuracy >= best_acc - tolerance - 1e-12]
     row = min(close, key=lambda r: (r.latency_ms, r.cost_usd))
-    speedup = max(r.latency_ms for r in close) / row.latency_ms if row.latency_ms > 0 else math.inf
-    return row, (
-        f"fastest trial within {tolerance:.0%} of the best validation accuracy ({best_acc:.4f}): "
-        f"{row.accuracy:.4f} at {row.latency_ms:.3f} ms, {speedup:.1f}x faster than the slowest such trial"
-    )
+    why = (f"fastest trial within {tolerance:.0%} of the best validation accuracy ({best_acc:.4f}): "
+           f"{row.accuracy:.4f} at {row.latency_ms:.3f} ms")
+    most = min(rows, key=lambda r: (-r.accuracy, r.latency_ms))
+    if most.number != row.number and row.latency_ms > 0:
+        why += (f", {most.latency_ms / row.latency_ms:.1f}x faster than the most accurate trial "
+                f"{most.number} ({most.accuracy:.4f})")
+    return row, why

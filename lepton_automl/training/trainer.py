@@ -31,7 +31,7 @@ class Standardize(nn.Module):
 
 
 def make_head(features: np.ndarray, num_classes: int, *, generator: torch.Generator) -> nn.Sequential:
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    x = torch.as_tensor(np.array(features, dtype=np.float32))
     mean, std = x.mean(0), x.std(0)
     # Floor each feature's scale at the median scale: dead (constant) features would otherwise be
     # multiplied by ~1e6, and any change to them (fine-tuning, int8 rounding) would swamp the logits.
@@ -75,8 +75,8 @@ def train_probe(
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     head = make_head(features, num_classes, generator=gen)
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    x = torch.as_tensor(np.array(features, dtype=np.float32))  # a copy: cache arrays are read-only maps
+    y = torch.as_tensor(np.array(labels, dtype=np.int64))
     linear = head[1]
     with torch.no_grad():
         z = head[0](x)
@@ -114,8 +114,8 @@ def train_tail(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tensors = [torch.as_tensor(np.asarray(a)) for a in inputs]
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    tensors = [torch.as_tensor(np.array(a)) for a in inputs]
+    y = torch.as_tensor(np.array(labels, dtype=np.int64))
     n = len(y)
     tail.eval()
     head.train()
@@ -149,7 +149,7 @@ class ExportModel(nn.Module):
 @torch.no_grad()
 def tail_features(tail: nn.Module, inputs: tuple[np.ndarray, ...], *, batch_size: int = 256) -> np.ndarray:
     tail.eval()
-    tensors = [torch.as_tensor(np.asarray(a)) for a in inputs]
+    tensors = [torch.as_tensor(np.array(a)) for a in inputs]
     n = tensors[0].shape[0]
     out = [tail(*[t[s : s + batch_size] for t in tensors]) for s in range(0, n, batch_size)]
     return torch.cat(out).numpy()
