@@ -6,11 +6,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "search", "BackboneRegistry", "BackboneCard", "Predictor"]
+__all__ = ["__version__", "Lepton", "search", "BackboneRegistry", "BackboneCard", "Predictor"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import lepton_automl` must stay cheap (the CLI's --help should not import torch).
+    if name == "Lepton":
+        from lepton_automl.facade import Lepton
+
+        return Lepton
     if name == "search":
         from lepton_automl.search.engine import search
 

@@ -109,7 +109,7 @@ def search(
     text_column: Optional[str] = typer.Option(None, help="Text column of a table."),
     label_column: Optional[str] = typer.Option(None, help="Label column of a table."),
     backbone: Optional[list[str]] = typer.Option(None, help="Restrict to these backbones (repeatable)."),
-    n_trials: int = typer.Option(20, help="Finished trials the study should hold (a rerun resumes)."),
+    n_trials: int = typer.Option(30, help="Finished trials the study should hold (a rerun resumes)."),
     timeout: Optional[float] = typer.Option(480.0, help="Stop starting new trials after this many seconds."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
     study_name: Optional[str] = typer.Option(None, help="Study name (default: MODALITY-DATANAME)."),
@@ -228,7 +228,7 @@ def predict(
 
         predictor = Predictor.load(model_dir)
         for item, label in zip(inputs, predictor.predict(inputs)):
-            console.print(f"{item}\t{label}", highlight=False, markup=False)
+            typer.echo(f"{item}\t{label}")
     except LeptonError as exc:
         _fail(exc)
 

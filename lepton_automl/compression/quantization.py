@@ -107,14 +107,17 @@ def _dynamic_with_optimum(work: Path, dst: Path) -> None:
 
 
 class _quiet_root_logger:
-    """ONNX Runtime's quantizer logs per-tensor notes on the root logger; keep them out of ours."""
+    """ONNX Runtime's quantizer logs per-tensor notes on the root logger, and optimum warns that a
+    bare ONNX file has no transformers config; neither concerns the user."""
 
     def __enter__(self) -> None:
         import logging
 
-        self._logger = logging.getLogger()
-        self._level = self._logger.level
-        self._logger.setLevel(max(self._level, logging.WARNING))
+        self._loggers = [logging.getLogger(), logging.getLogger("optimum")]
+        self._levels = [lg.level for lg in self._loggers]
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(max(level, logging.ERROR))
 
     def __exit__(self, *exc: object) -> None:
-        self._logger.setLevel(self._level)
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(level)

@@ -41,7 +41,20 @@ def run_trunk(
         chunks.append(tuple(o.detach().cpu().numpy() for o in outs))
         if progress is not None:
             progress(desc, min(start + batch_size, len(examples)), len(examples))
-    return tuple(np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0])))
+    return _concat(chunks)
+
+
+def _concat(chunks: Sequence[Sequence[np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Concatenate per-batch outputs; sequence outputs of different lengths are zero-padded
+    (a zero attention mask marks the padding, so the tail ignores it)."""
+    out = []
+    for i in range(len(chunks[0])):
+        parts = [c[i] for c in chunks]
+        if parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
+            width = max(p.shape[1] for p in parts)
+            parts = [np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts]
+        out.append(np.concatenate(parts))
+    return tuple(out)
 
 
 def run_trunk_fast(
@@ -82,7 +95,7 @@ def run_trunk_fast(
             chunks.append(session.run(out_names, {n: feeds[n] for n in names}))
             if progress is not None:
                 progress(desc, min(start + batch_size, len(examples)), len(examples))
-    return tuple(np.concatenate([c[i] for c in chunks]) for i in range(n_out))
+    return _concat(chunks)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

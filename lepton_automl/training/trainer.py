@@ -135,6 +135,17 @@ def train_tail(
     head.eval()
 
 
+class TupleOut(nn.Module):
+    """Wrap a module so that it returns a 1-tuple (the trunk contract of ``ModelParts``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.module(*inputs),)
+
+
 class ExportModel(nn.Module):
     """trunk -> tail -> head as one module: raw model inputs in, logits out."""
 

@@ -17,6 +17,7 @@ from lepton_automl.data.dataset import LabelledData
 from lepton_automl.exceptions import DataError
 from lepton_automl.interfaces import Modality, ModelParts
 from lepton_automl.log import get_logger
+from lepton_automl.training.trainer import TupleOut
 
 logger = get_logger(__name__)
 
@@ -25,8 +26,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 IMAGE_SIZES = (64, 96, 128, 160, 192, 224)
 
 
-def load_rgb(example: Any, size: int) -> np.ndarray:
-    """Decode one image (path or array) to an RGB float array of shape (size, size, 3) in [0, 1]."""
+def load_rgb(example: Any, size: int | Sequence[int]) -> np.ndarray:
+    """Decode one image (path or uint8 array) to an RGB float array of shape (H, W, 3) in [0, 1].
+
+    ``size`` is one side of a square, or ``(height, width)``.
+    """
     from PIL import Image
 
     if isinstance(example, np.ndarray):
@@ -41,7 +45,8 @@ def load_rgb(example: Any, size: int) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         img = Image.fromarray(np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
-    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    img = img.convert("RGB").resize((width, height), Image.BICUBIC)
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
@@ -52,17 +57,6 @@ class _Flatten(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x).flatten(1)
-
-
-class _Tuple(nn.Module):
-    """Wrap a module so that it returns a 1-tuple (the trunk contract)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.module(x),)
 
 
 def _flat_blocks(model: nn.Module) -> list[nn.Module]:
@@ -159,7 +153,7 @@ class ImageModality(Modality):
         model.eval()
         dim = int(getattr(model, "num_features", 0) or _probe_dim(model, params))
         if finetune_blocks <= 0:
-            return ModelParts(trunk=_Tuple(model), tail=nn.Identity(), feature_dim=dim)
+            return ModelParts(trunk=TupleOut(model), tail=nn.Identity(), feature_dim=dim)
         if not _cuttable(model):
             raise DataError(
                 f"Backbone {card.name!r} cannot be cut for partial fine-tuning; use train__mode=probe."
@@ -168,15 +162,15 @@ class ImageModality(Modality):
         k = min(finetune_blocks, len(blocks))
         trunk = nn.Sequential(model.conv_stem, model.bn1, *blocks[:-k])
         tail = nn.Sequential(*blocks[-k:], model.conv_head, model.bn2, _Flatten(model.global_pool))
-        return ModelParts(trunk=_Tuple(trunk), tail=tail, feature_dim=dim)
+        return ModelParts(trunk=TupleOut(trunk), tail=tail, feature_dim=dim)
 
     # -- preprocessing ---------------------------------------------------------------------
     def preprocessing(
         self, card: BackboneCard, registry: BackboneRegistry, *, params: Mapping[str, Any]
     ) -> dict[str, Any]:
-        size = int(params.get("data__image_size") or self.default_params(card)["data__image_size"])
+        size = params.get("data__image_size") or self.default_params(card)["data__image_size"]
         return {
-            "image_size": size,
+            "image_size": int(size) if isinstance(size, (int, float)) else [int(v) for v in size],
             "mean": list(card.mean or (0.485, 0.456, 0.406)),
             "std": list(card.std or (0.229, 0.224, 0.225)),
             "interpolation": "bicubic",
@@ -185,7 +179,8 @@ class ImageModality(Modality):
     def encode(
         self, examples: Sequence[Any], *, preprocessing: Mapping[str, Any]
     ) -> dict[str, np.ndarray]:
-        size = int(preprocessing["image_size"])
+        size = preprocessing["image_size"]
+        size = int(size) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
         mean = np.asarray(preprocessing["mean"], dtype=np.float32)
         std = np.asarray(preprocessing["std"], dtype=np.float32)
         batch = np.stack([load_rgb(e, size) for e in examples])

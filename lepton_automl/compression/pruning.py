@@ -1,0 +1,139 @@
+"""Weight pruning: structured (whole channels, with torch-pruning) and unstructured (magnitude).
+
+- Structured pruning removes channels, so the exported graph is smaller and faster. It needs a
+  short recovery fine-tune afterwards: without it the features collapse (logit cosine to the
+  unpruned efficientnet_lite0 about 0.05 at 50%).
+- Unstructured magnitude pruning zeroes individual weights. Dense kernels do not skip zeros, so it
+  gives no speedup (measured: none); it only makes a compressed file smaller. It is reported as a
+  size option, never as a latency win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton_automl.exceptions import ConfigError
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    method: str
+    amount: float
+    params_before: int
+    params_after: int
+    zero_fraction: float
+
+    @property
+    def params_removed(self) -> float:
+        return 1.0 - self.params_after / max(1, self.params_before)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def zero_fraction(model: nn.Module) -> float:
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    return float(sum((w == 0).sum().item() for w in weights)) / max(1, total)
+
+
+def prune_structured(
+    model: nn.Module,
+    example_inputs: Mapping[str, np.ndarray] | Sequence[torch.Tensor],
+    *,
+    amount: float,
+    ignored: Sequence[nn.Module] = (),
+    round_to: int | None = 8,
+) -> PruneReport:
+    """Remove ``amount`` of the channels of every prunable layer (L2-magnitude importance), in place.
+
+    ``ignored`` layers keep their output width (the classifier, so the number of classes holds).
+    """
+    import torch_pruning as tp
+
+    if not 0.0 < amount < 1.0:
+        raise ConfigError(f"Pruning amount must be in (0, 1), got {amount}. Try 0.3.")
+    if isinstance(example_inputs, Mapping):
+        args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in example_inputs.values())
+    else:
+        args = tuple(example_inputs)
+    before = count_params(model)
+    model.eval()
+    # torch-pruning traces the autograd graph: frozen parameters would leave it empty (nothing pruned).
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    pruner = tp.pruner.BasePruner(
+        model,
+        args if len(args) > 1 else args[0],
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=amount,
+        ignored_layers=list(ignored),
+        round_to=round_to,
+        forward_fn=(lambda m, x: m(*x)) if len(args) > 1 else None,
+    )
+    pruner.step()
+    for name, p in model.named_parameters():  # pruned layers hold new Parameter objects
+        if name in frozen:
+            p.requires_grad_(False)
+    return PruneReport("structured", amount, before, count_params(model), zero_fraction(model))
+
+
+def prune_unstructured(model: nn.Module, *, amount: float, ignored: Sequence[nn.Module] = ()) -> PruneReport:
+    """Zero the smallest-magnitude ``amount`` of conv/linear weights (globally), in place."""
+    from torch.nn.utils import prune
+
+    if not 0.0 < amount < 1.0:
+        raise ConfigError(f"Pruning amount must be in (0, 1), got {amount}. Try 0.5.")
+    skip = {id(m) for m in ignored}
+    targets = [(m, "weight") for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in skip]
+    before = count_params(model)
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    for module, name in targets:
+        prune.remove(module, name)
+    return PruneReport("unstructured", amount, before, count_params(model), zero_fraction(model))
+
+
+def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize ``model``'s conv, linear and norm layers to the shapes in ``state`` (a pruned model's
+    weights), so that ``load_state_dict(state, strict=True)`` works on a freshly built architecture."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = state.get(prefix + "weight")
+        if isinstance(module, nn.Conv2d) and weight is not None and weight.shape != module.weight.shape:
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            module.out_channels = int(weight.shape[0])
+            if depthwise:
+                module.groups = module.in_channels = int(weight.shape[0])
+            else:
+                module.in_channels = int(weight.shape[1]) * module.groups
+            module.weight = nn.Parameter(torch.empty_like(weight))
+            if module.bias is not None:
+                module.bias = nn.Parameter(torch.empty(weight.shape[0]))
+        elif isinstance(module, nn.Linear) and weight is not None and weight.shape != module.weight.shape:
+            module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
+            module.weight = nn.Parameter(torch.empty_like(weight))
+            if module.bias is not None:
+                module.bias = nn.Parameter(torch.empty(weight.shape[0]))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            mean = state.get(prefix + "running_mean")
+            if mean is not None and mean.shape != module.running_mean.shape:
+                n = int(mean.shape[0])
+                module.num_features = n
+                module.weight = nn.Parameter(torch.empty(n))
+                module.bias = nn.Parameter(torch.empty(n))
+                module.running_mean = torch.zeros(n)
+                module.running_var = torch.ones(n)
+        # Buffers of other modules (e.g. the head's Standardize) take the saved shapes as they are.
+        for buf_name, buf in list(module.named_buffers(recurse=False)):
+            saved = state.get(prefix + buf_name)
+            if saved is not None and buf is not None and saved.shape != buf.shape:
+                setattr(module, buf_name, torch.empty_like(saved))
+    return model

@@ -1,0 +1,49 @@
+"""The `lepton` command, driven as a user would, on tiny data."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from lepton_automl.cli import app
+
+runner = CliRunner()
+
+
+def test_registry_and_plugins_listing() -> None:
+    result = runner.invoke(app, ["registry", "list", "efficientnet*", "--pretrained"])
+    assert result.exit_code == 0, result.output
+    assert "efficientnet_lite0" in result.output and "resnet18" not in result.output
+    result = runner.invoke(app, ["plugins", "list"])
+    assert result.exit_code == 0 and "image" in result.output and "text" in result.output
+
+
+def test_search_export_and_predict(image_folder, tmp_path) -> None:
+    run_dir = tmp_path / "runs"
+    result = runner.invoke(app, ["search", "--data", str(image_folder), "--backbone", "efficientnet_lite0",
+                                 "--n-trials", "2", "--run-dir", str(run_dir), "--pick", "accuracy"])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output and "Recommended: trial" in result.output
+    best = run_dir / "image-shapes" / "best"
+    assert (best / "model.onnx").is_file() and (best / "README.md").is_file()
+    assert (run_dir / "image-shapes" / "report.html").is_file()
+
+    out = tmp_path / "exported"
+    result = runner.invoke(app, ["export", "--study", "image-shapes", "--trial", "0", "--out", str(out),
+                                 "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    image = next((image_folder / "disc").glob("*.png"))
+    result = runner.invoke(app, ["predict", str(out), str(image)])
+    assert result.exit_code == 0, result.output
+    assert str(image) in result.output
+    assert result.output.strip().split("\t")[-1] in {"disc", "horizontal", "vertical"}
+
+
+def test_errors_are_one_line_with_the_fix(tmp_path) -> None:
+    result = runner.invoke(app, ["search", "--data", str(tmp_path / "nope.csv"), "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["search", "--backbone", "efficientnet_lite9", "--run-dir", str(tmp_path),
+                                 "--data", str(tmp_path)])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["predict", str(tmp_path), "x.png"])
+    assert result.exit_code == 2 and "not a Lepton export" in result.output

@@ -1,0 +1,78 @@
+"""The Lepton facade: fit, evaluate, compress, save, load, same predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lepton_automl import Lepton
+from lepton_automl.exceptions import ConfigError
+from lepton_automl.export.artifact import Predictor
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(images))[:400]
+    return images[idx[:300]], d.target[idx[:300]], images[idx[300:]], d.target[idx[300:]]
+
+
+def test_fit_evaluate_compress_save_load_round_trip(digits, tmp_path) -> None:
+    x_train, y_train, x_test, y_test = digits
+    model = Lepton(build_fn="efficientnet_lite0", input_shape=(32, 32, 3), num_classes=10, verbose=False)
+    model.fit(x_train, y_train, epochs=3, batch_size=32)
+    loss, acc = model.evaluate(x_test, y_test)
+    assert np.isfinite(loss) and acc > 0.5, (loss, acc)
+
+    report = model.compress(prune=0.3, quant="int8")
+    assert report.after.params_m < 0.8 * report.before.params_m
+    assert report.after.size_mb < report.before.size_mb
+    assert report.before.latency_ms > 0 and report.after.latency_ms > 0
+    assert report.after.accuracy is not None and "before" in str(report)
+    predictions = model.predict(x_test)
+
+    path = model.save(tmp_path / "lepton_model")
+    for name in ("model.safetensors", "model.onnx", "model.int8.onnx", "README.md", "lepton.json"):
+        assert (path / name).is_file()
+    again = Lepton.load(path)
+    assert (again.predict(x_test) == predictions).all()
+    # The pruned torch weights reload into a freshly built (then resized) architecture.
+    inputs = model._inputs(x_test[:8])
+    with torch.no_grad():
+        assert torch.allclose(again.model(inputs), model.model(inputs), atol=1e-4)
+    # A facade export is a regular export: the CLI's Predictor runs it on image files.
+    from PIL import Image
+
+    Image.fromarray(x_test[0]).save(tmp_path / "digit.png")
+    assert Predictor.load(path).predict([str(tmp_path / "digit.png")]) == [str(predictions[0])]
+
+
+def small_cnn(*, input_shape, num_classes):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes))
+
+
+def test_callable_build_fn_round_trip(digits, tmp_path) -> None:
+    x_train, y_train, x_test, _ = digits
+    model = Lepton(build_fn=small_cnn, input_shape=(16, 16, 3), verbose=False)
+    model.fit(x_train, y_train, epochs=1)
+    assert model.num_classes == 10
+    path = model.save(tmp_path / "cnn")
+    with pytest.raises(ConfigError, match="build_fn=fn"):
+        Lepton.load(path)
+    again = Lepton.load(path, build_fn=small_cnn)
+    assert (again.predict(x_test) == model.predict(x_test)).all()
+
+
+def test_clear_errors() -> None:
+    model = Lepton(build_fn="efficientnet_lite0", input_shape=(32, 32, 3), verbose=False)
+    with pytest.raises(ConfigError, match="fit"):
+        model.predict(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(ConfigError, match="labels"):
+        model.fit(np.zeros((4, 8, 8), np.uint8), np.zeros(3))
