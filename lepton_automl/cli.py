@@ -128,6 +128,7 @@ def search(
     hardware_file: Optional[Path] = typer.Option(None, help="TOML file of extra hardware profiles."),
     registry_file: Optional[Path] = typer.Option(None, help="TOML/YAML file of extra backbone cards."),
     pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy or latency."),
+    keep_all_artifacts: bool = typer.Option(False, help="Keep the model files of trials off the front too."),
     export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -150,7 +151,7 @@ def search(
                 n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, run_root=run_dir,
                 warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month,
-                hardware_file=hardware_file, progress=progress.features, callbacks=[progress.trial_done],
+                hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, progress=progress.features, callbacks=[progress.trial_done],
             )
         for number, reason in outcome.failed:
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)

@@ -28,9 +28,10 @@ def test_search_export_and_predict(image_folder, tmp_path) -> None:
     assert (run_dir / "image-shapes" / "report.html").is_file()
 
     out = tmp_path / "exported"
-    result = runner.invoke(app, ["export", "--study", "image-shapes", "--trial", "0", "--out", str(out),
+    result = runner.invoke(app, ["export", "--study", "image-shapes", "--pick", "latency", "--out", str(out),
                                  "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
+    assert "lowest latency" in result.output
     image = next((image_folder / "disc").glob("*.png"))
     result = runner.invoke(app, ["predict", str(out), str(image)])
     assert result.exit_code == 0, result.output

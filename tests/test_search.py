@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -36,6 +38,9 @@ def test_image_search_records_three_objectives(image_outcome) -> None:
     # Warm start: the first trial is the fp32 linear probe at full size, the second its int8 twin.
     assert done[0].params["quant__mode"] == "none" and done[1].params["quant__mode"] == "int8"
     assert outcome.front and all(r.number in {t.number for t in done} for r in outcome.front)
+    front = {r.number for r in outcome.front}
+    for t in done:  # only the front keeps its model files
+        assert (Path(t.user_attrs["artifact"]).is_dir()) == (t.number in front)
     best = max(r.accuracy for r in outcome.front)
     assert best >= 0.8, "three clearly different shapes must be learnable from ImageNet features"
 

@@ -108,6 +108,7 @@ def search(
     threads: int | None = None,
     validation_fraction: float = 0.2,
     test_fraction: float = 0.2,
+    keep_all_artifacts: bool = False,
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> SearchOutcome:
@@ -177,11 +178,33 @@ def search(
                     storage if isinstance(storage, str) else type(storage).__name__)
         study.optimize(runner, n_trials=remaining, timeout=timeout, catch=(Exception,),
                        callbacks=list(callbacks), gc_after_trial=True)
+    front = front_rows(study)
+    if not keep_all_artifacts:
+        _remove_dominated_artifacts(study, keep={r.number for r in front}, run_dir=run_dir)
     failed = [(t.number, t.user_attrs.get("fail_reason", "unknown"))
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     storage_str = storage if isinstance(storage, str) else type(storage).__name__
-    return SearchOutcome(study=study, front=front_rows(study), splits=splits, run_dir=run_dir,
+    return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
                          storage=storage_str, failed=failed)
+
+
+def _remove_dominated_artifacts(study: Any, *, keep: set[int], run_dir: Path) -> None:
+    """Delete the files of trials off the front (a dominated trial stays dominated): a text trial's
+    export is ~200 MB, and a search keeps only what it can recommend. The study keeps their records."""
+    import shutil
+
+    freed = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        path = t.user_attrs.get("artifact")
+        if t.number in keep or not path or not Path(path).is_dir():
+            continue
+        if Path(path).resolve().parent != run_dir.resolve():
+            continue  # only ever delete inside this study's own folder
+        freed += sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+    if freed:
+        logger.info("removed the files of trials off the front (%.0f MB); pass keep_all_artifacts=True "
+                    "(--keep-all-artifacts) to keep them", freed / 2**20)
 
 
 def quiet_optuna() -> None:
