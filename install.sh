@@ -14,5 +14,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip's exit status is kept; only its notes about absent local mirror folders are filtered out.
 pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip_install "torch==2.14.1" "torchvision==0.29.1"
-pip_install -e ".${extras}"
+pip_install -c constraints.txt -e ".${extras}"
+if [ -n "$extras" ]; then
+  # The example third-party plugin: tests find it through its entry point, like any other.
+  pip_install --no-deps --no-build-isolation -e examples/lepton-audio
+fi
 .venv/bin/python -c "import torch, torchvision, timm, lepton_automl; print('lepton-automl', lepton_automl.__version__, 'torch', torch.__version__)"

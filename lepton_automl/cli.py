@@ -110,7 +110,7 @@ def search(
     label_column: Optional[str] = typer.Option(None, help="Label column of a table."),
     backbone: Optional[list[str]] = typer.Option(None, help="Restrict to these backbones (repeatable)."),
     n_trials: int = typer.Option(30, help="Finished trials the study should hold (a rerun resumes)."),
-    timeout: Optional[float] = typer.Option(480.0, help="Stop starting new trials after this many seconds."),
+    timeout: Optional[float] = typer.Option(360.0, help="Stop starting new trials after this many seconds."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
     study_name: Optional[str] = typer.Option(None, help="Study name (default: MODALITY-DATANAME)."),
     sampler: str = typer.Option("tpe", help="tpe, nsga2 or random."),

@@ -43,6 +43,13 @@ class Modality(ABC):
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     description: ClassVar[str] = ""
+    # Which registry cards this modality's backbones come from; the audio example plugin feeds
+    # spectrograms to "image" backbones. None means the modality's own name.
+    backbone_modality: ClassVar[str | None] = None
+
+    @classmethod
+    def backbones_from(cls) -> str:
+        return cls.backbone_modality or cls.name
 
     @abstractmethod
     def can_load(self, source: Any) -> bool:

@@ -121,16 +121,19 @@ def search(
                 labelled.num_classes, len(splits.train), len(splits.validation), len(splits.test))
 
     names = list(backbones) if backbones else [
-        c.name for c in registry.list(modality=mod.name, available=None if untrained else True)
+        c.name for c in registry.list(modality=mod.backbones_from(), available=None if untrained else True)
     ]
     for name in names:
         card = registry.get(name)
-        if card.modality != mod.name:
-            raise ConfigError(f"Backbone {name!r} is for {card.modality!r} data, not {mod.name!r}.")
+        if card.modality != mod.backbones_from():
+            raise ConfigError(
+                f"Backbone {name!r} is for {card.modality!r} data, not {mod.name!r}. List the right ones "
+                f"with `lepton registry list --modality {mod.backbones_from()}`."
+            )
         if not untrained and not registry.available(card):
             raise ConfigError(
                 f"Backbone {name!r} has no weights available offline. Pick one listed by "
-                f"`lepton registry list --pretrained --modality {mod.name}`, or pass --untrained."
+                f"`lepton registry list --pretrained --modality {mod.backbones_from()}`, or pass --untrained."
             )
     space = SearchSpace(backbones=tuple(names), **dict(space_options or {}))
 

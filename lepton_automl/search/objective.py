@@ -64,7 +64,9 @@ class Limits:
 def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from lepton_automl.training.features import quiet_session_options
+
+    session = ort.InferenceSession(str(path), quiet_session_options(), providers=["CPUExecutionProvider"])
     correct = 0
     for start in range(0, len(data), 64):
         feeds = modality.encode(data.examples[start : start + 64], preprocessing=preprocessing)
@@ -72,6 +74,7 @@ def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocess
         if not np.all(np.isfinite(logits)):
             raise FloatingPointError("the exported model produced NaN/inf logits")
         correct += int((logits.argmax(1) == data.labels[start : start + 64]).sum())
+    del session
     return correct / max(1, len(data))
 
 

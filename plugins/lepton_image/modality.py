@@ -79,7 +79,9 @@ class ImageModality(Modality):
     def can_load(self, source: Any) -> bool:
         if isinstance(source, str) and source.startswith("demo:"):
             return True
-        return isinstance(source, (str, Path)) and Path(source).is_dir()
+        if not isinstance(source, (str, Path)) or not Path(source).is_dir():
+            return False
+        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(source).glob("*/*"))
 
     def load(self, source: Any, *, options: Mapping[str, Any] | None = None) -> LabelledData:
         from lepton_automl.data.demo import resolve_demo

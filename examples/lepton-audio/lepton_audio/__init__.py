@@ -1,0 +1,5 @@
+"""An example third-party Lepton plugin: the ``audio`` modality."""
+
+from lepton_audio.modality import AudioModality
+
+__all__ = ["AudioModality"]
