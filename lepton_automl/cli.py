@@ -18,8 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Lepton AutoML: transfer-learning search over accuracy, latency and cost.")
 registry_app = typer.Typer(no_args_is_help=True, help="The backbone registry.")
 plugins_app = typer.Typer(no_args_is_help=True, help="Installed modality plugins.")
+data_app = typer.Typer(no_args_is_help=True, help="Check datasets before searching.")
 app.add_typer(registry_app, name="registry")
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(data_app, name="data")
 
 # A wide console when the output is a file or a pipe, so that the front's table is never truncated.
 console = Console(width=None if sys.stdout.isatty() else 180)
@@ -108,6 +110,7 @@ def search(
     modality: Optional[str] = typer.Option(None, help="Modality plugin (default: detected from the data)."),
     text_column: Optional[str] = typer.Option(None, help="Text column of a table."),
     label_column: Optional[str] = typer.Option(None, help="Label column of a table."),
+    strict: bool = typer.Option(False, "--strict", help="Treat every data fix as an error."),
     backbone: Optional[list[str]] = typer.Option(None, help="Restrict to these backbones (repeatable)."),
     n_trials: int = typer.Option(30, help="Finished trials the study should hold (a rerun resumes)."),
     timeout: Optional[float] = typer.Option(360.0, help="Stop starting new trials after this many seconds."),
@@ -146,7 +149,8 @@ def search(
         progress = _RichProgress(total=n_trials)
         with progress.progress:
             outcome = run_search(
-                data, modality=modality, data_options={"text_column": text_column, "label_column": label_column},
+                data, modality=modality, data_options={"text_column": text_column, "label_column": label_column,
+                                                   "strict": strict},
                 registry=_registry(registry_file), backbones=backbone, storage=storage, study_name=study_name,
                 n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, run_root=run_dir,
                 warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
@@ -230,6 +234,42 @@ def predict(
         predictor = Predictor.load(model_dir)
         for item, label in zip(inputs, predictor.predict(inputs)):
             typer.echo(f"{item}\t{label}")
+    except LeptonError as exc:
+        _fail(exc)
+
+
+@data_app.command("check")
+def data_check(
+    data: str = typer.Argument(..., help="Image folder, text table, save_to_disk folder, hf-hub:NAME or demo:digits."),
+    modality: Optional[str] = typer.Option(None, help="Modality plugin (default: detected from the data)."),
+    text_column: Optional[str] = typer.Option(None, help="Text column of a table."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a table."),
+    strict: bool = typer.Option(False, "--strict", help="Treat every fix as an error."),
+) -> None:
+    """Validate and clean a dataset; print what was found and what was done about it."""
+    try:
+        from lepton_automl.search.engine import resolve_modality
+
+        mod = resolve_modality(data, modality)
+        labelled = mod.load(data, options={"text_column": text_column, "label_column": label_column,
+                                           "strict": strict})
+        table = Table(title=f"{data} ({mod.name}): {len(labelled)} usable examples, {labelled.num_classes} classes")
+        table.add_column("finding")
+        from rich.text import Text
+
+        for line in labelled.report or ("[ok] no problems found",):
+            table.add_row(Text(line))  # Text: the "[fixed]" tags are not markup
+        console.print(table)
+        counts = Table(title="examples per class")
+        counts.add_column("class")
+        counts.add_column("examples", justify="right")
+        for cls, n in labelled.class_counts().items():
+            counts.add_row(cls, str(n))
+        console.print(counts)
+        if labelled.split_of:
+            from collections import Counter
+
+            console.print(f"user splits: {dict(Counter(labelled.split_of))}", highlight=False)
     except LeptonError as exc:
         _fail(exc)
 

@@ -48,3 +48,16 @@ def test_errors_are_one_line_with_the_fix(tmp_path) -> None:
     assert result.exit_code == 2
     result = runner.invoke(app, ["predict", str(tmp_path), "x.png"])
     assert result.exit_code == 2 and "not a Lepton export" in result.output
+
+
+def test_data_check_reports_fixes_and_errors(image_folder, tmp_path) -> None:
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(image_folder, root)
+    shutil.copy(root / "disc" / "000.png", root / "disc" / "dup.png")
+    result = runner.invoke(app, ["data", "check", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "dropped 1 exact duplicates" in result.output and "36 usable examples" in result.output
+    result = runner.invoke(app, ["data", "check", str(root), "--strict"])
+    assert result.exit_code == 2 and "strict mode" in result.output

@@ -55,17 +55,18 @@ def test_image_folder_without_classes_is_a_clear_error(tmp_path) -> None:
 
 def test_text_table_detects_columns_and_cleans(tmp_path) -> None:
     path = tmp_path / "t.csv"
-    path.write_text("sentence,category\nhello world,a\n  ,a\nhello world,a\nfoo bar,b\nbaz,b\n")
+    path.write_text("sentence,category\nhello world,a\n  ,a\nhello world,a\nfoo bar,b\nbaz,b\n"
+                    "good day,a\nnice one,a\nqux,b\n")
     data = TextModality().load(path)
     assert data.classes == ("a", "b")
-    assert data.examples == ("hello world", "foo bar", "baz")
-    assert any("empty text" in line for line in data.report)
+    assert data.examples == ("hello world", "foo bar", "baz", "good day", "nice one", "qux")
+    assert any("empty or blank text" in line for line in data.report)
     assert any("duplicate" in line for line in data.report)
 
 
 def test_text_table_without_label_column_lists_columns(tmp_path) -> None:
     path = tmp_path / "t.csv"
-    path.write_text("body,stars_given\nhello,1\nworld,2\n")
+    path.write_text("body,stars_given\nhello,1\nworld,2\nthree,1\nfour,2\nfive,1\nsix,2\n")
     with pytest.raises(DataError) as info:
         TextModality().load(path)
     assert "['stars_given']" in str(info.value) and "--label-column" in str(info.value)
@@ -83,9 +84,9 @@ def test_float_labels_are_refused(tmp_path) -> None:
 def test_datasets_object_is_accepted() -> None:
     import datasets
 
-    ds = datasets.Dataset.from_dict({"text": ["a b", "c d", "e f", "g h"], "label": [0, 1, 0, 1]})
+    ds = datasets.Dataset.from_dict({"text": ["a b", "c d", "e f", "g h", "i j", "k l"], "label": [0, 1, 0, 1, 0, 1]})
     data = TextModality().load(ds)
-    assert len(data) == 4 and data.classes == ("0", "1")
+    assert len(data) == 6 and data.classes == ("0", "1")
 
 
 def test_fingerprint_changes_with_content(tmp_path) -> None:

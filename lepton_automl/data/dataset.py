@@ -33,6 +33,8 @@ class LabelledData:
     classes: tuple[str, ...]
     name: str = "data"
     report: tuple[str, ...] = field(default=(), compare=False)
+    # Per-example split names ("train", "validation", "test") when the user supplied the splits.
+    split_of: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels, dtype=np.int64)
@@ -41,6 +43,9 @@ class LabelledData:
         object.__setattr__(self, "examples", tuple(self.examples))
         if len(self.examples) != len(labels):
             raise ValueError(f"{len(self.examples)} examples but {len(labels)} labels")
+        object.__setattr__(self, "split_of", tuple(self.split_of))
+        if self.split_of and len(self.split_of) != len(labels):
+            raise ValueError(f"{len(self.split_of)} split tags for {len(labels)} examples")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -56,6 +61,7 @@ class LabelledData:
             labels=self.labels[idx],
             classes=self.classes,
             name=name or self.name,
+            split_of=tuple(self.split_of[i] for i in idx) if self.split_of else (),
         )
 
     def fingerprint(self) -> str:

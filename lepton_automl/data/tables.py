@@ -10,9 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from collections import Counter
+
 import numpy as np
 
 from lepton_automl.data.dataset import LabelledData
+from lepton_automl.data.findings import Findings
 from lepton_automl.exceptions import DataError
 from lepton_automl.log import get_logger
 
@@ -27,8 +30,8 @@ def is_table(source: Any) -> bool:
     return isinstance(source, (str, Path)) and Path(source).suffix.lower() in TABLE_SUFFIXES
 
 
-def read_table(path: str | Path) -> Any:
-    """Read a table file into a ``datasets.Dataset``."""
+def read_table(path: str | Path, findings: Findings | None = None) -> Any:
+    """Read a table file into a ``datasets.Dataset``; bytes that are not UTF-8 are replaced (and counted)."""
     import datasets
 
     path = Path(path)
@@ -40,11 +43,41 @@ def read_table(path: str | Path) -> Any:
     kwargs: dict[str, Any] = {}
     if kind == "tsv":
         kind, kwargs = "csv", {"sep": "\t"}
+    source = path
+    tmp = None
+    if kind in ("csv", "json"):
+        raw = path.read_bytes()
+        lines = [line for line in raw.splitlines() if line.strip()]
+        if kind == "csv" and len(lines) <= 1:
+            raise DataError(f"Data file {str(path)!r} has a header but no rows. Add labelled rows.")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad_lines = sum(1 for line in raw.splitlines() if not _is_utf8(line))
+            if findings is not None:
+                findings.fixed("non-utf8", bad_lines, f"replaced bytes that are not UTF-8 on {bad_lines} lines "
+                               "(re-save the file as UTF-8 to keep the original characters)")
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory(prefix="lepton-utf8-")
+            source = Path(tmp.name) / path.name
+            source.write_text(raw.decode("utf-8", errors="replace"), encoding="utf-8")
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+        ds = datasets.load_dataset(kind, data_files=str(source), split="train", **kwargs)
     except Exception as exc:  # the builders raise many types; name the file and the cause
         raise DataError(f"Could not read {str(path)!r} as {kind}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if tmp is not None:  # load_dataset has copied the rows into its Arrow cache by now
+            tmp.cleanup()
     return ds
+
+
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: str, option: str) -> str:
@@ -62,66 +95,58 @@ def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: 
 
 
 def text_data_from_dataset(
-    ds: Any, *, text_column: str | None = None, label_column: str | None = None, name: str = "data"
+    ds: Any,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    name: str = "data",
+    findings: Findings | None = None,
 ) -> LabelledData:
-    """Turn a ``datasets.Dataset`` with a text and a label column into ``LabelledData``."""
-    columns = list(ds.column_names)
-    tcol = _pick(columns, text_column, TEXT_NAMES, "text", "--text-column")
-    lcol = _pick([c for c in columns if c != tcol], label_column, LABEL_NAMES, "label", "--label-column")
-    if len(ds) == 0:
+    """Turn a ``datasets.Dataset`` (or a ``DatasetDict`` of train/validation/test) with a text and a
+    label column into ``LabelledData``, cleaning it on the way (see ``lepton data check``)."""
+    from lepton_automl.data.checks import assemble
+
+    findings = findings or Findings(name)
+    if hasattr(ds, "column_names") and isinstance(ds.column_names, dict):  # DatasetDict
+        parts = []
+        for split, part in ds.items():
+            key = {"val": "validation", "valid": "validation", "dev": "validation"}.get(split, split)
+            if key not in ("train", "validation", "test"):
+                raise DataError(f"Split {split!r} of {name!r} is not train, validation or test; rename it.")
+            parts.append((key, part))
+    else:
+        parts = [("", ds)]
+    texts: list[str] = []
+    labels: list[str] = []
+    split_of: list[str] = []
+    dropped = Counter()
+    for split, part in parts:
+        columns = list(part.column_names)
+        tcol = _pick(columns, text_column, TEXT_NAMES, "text", "--text-column")
+        lcol = _pick([c for c in columns if c != tcol], label_column, LABEL_NAMES, "label", "--label-column")
+        label_names = getattr(part.features.get(lcol), "names", None)
+        for row, (text, label) in enumerate(zip(part[tcol], part[lcol])):
+            if label_names is not None and label is not None:
+                label = label_names[label] if 0 <= label < len(label_names) else None
+            if label is None or (isinstance(label, float) and np.isnan(label)) or str(label).strip() == "":
+                dropped["missing label"] += 1
+                continue
+            if isinstance(label, float):
+                if not float(label).is_integer():
+                    raise DataError(
+                        f"Label column {lcol!r} holds non-integer floats (row {row + 1}: {label}); a "
+                        "classifier needs discrete labels. Use a column of class names or integers."
+                    )
+                label = int(label)
+            if text is None or not str(text).strip():
+                dropped["empty text"] += 1
+                continue
+            texts.append(str(text))
+            labels.append(str(label))
+            split_of.append(split)
+    if not texts and not dropped:
         raise DataError(f"{name!r} has a header but no rows. Add labelled rows.")
-    label_feature = ds.features.get(lcol)
-    names = getattr(label_feature, "names", None)
-    texts = ds[tcol]
-    raw_labels = ds[lcol]
-    if names is not None:
-        raw_labels = [names[i] if i is not None and i >= 0 else None for i in raw_labels]
-    kept_texts: list[str] = []
-    kept_labels: list[str] = []
-    dropped = {"empty text": 0, "missing label": 0, "duplicate": 0}
-    seen: set[tuple[str, str]] = set()
-    for text, label in zip(texts, raw_labels):
-        if label is None or (isinstance(label, float) and np.isnan(label)):
-            dropped["missing label"] += 1
-            continue
-        if isinstance(label, float):
-            if not float(label).is_integer():
-                raise DataError(
-                    f"Label column {lcol!r} holds non-integer floats (e.g. {label}); a classifier "
-                    "needs discrete labels. Use a column of class names or integers."
-                )
-            label = int(label)
-        if text is None or not str(text).strip():
-            dropped["empty text"] += 1
-            continue
-        key = (str(text), str(label))
-        if key in seen:
-            dropped["duplicate"] += 1
-            continue
-        seen.add(key)
-        kept_texts.append(str(text))
-        kept_labels.append(str(label))
-    report = tuple(f"dropped {n} rows: {why}" for why, n in dropped.items() if n)
-    for line in report:
-        logger.info("%s: %s", name, line)
-    if not kept_texts:
-        raise DataError(f"{name!r} has no usable rows after cleaning ({', '.join(report)}).")
-    classes = tuple(sorted(set(kept_labels), key=_label_sort_key))
-    if len(classes) < 2:
-        raise DataError(f"{name!r} has a single class {classes}; classification needs at least two.")
-    index = {c: i for i, c in enumerate(classes)}
-    return LabelledData(
-        examples=tuple(kept_texts),
-        labels=np.array([index[c] for c in kept_labels]),
-        classes=classes,
-        name=name,
-        report=report,
-    )
-
-
-def _label_sort_key(label: str) -> tuple[int, Any]:
-    return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
-
-
-def options_get(options: Mapping[str, Any] | None, key: str) -> Any:
-    return (options or {}).get(key)
+    findings.fixed("missing-label", dropped["missing label"], f"dropped {dropped['missing label']} rows without a label")
+    findings.fixed("empty-text", dropped["empty text"], f"dropped {dropped['empty text']} rows with empty or blank text")
+    return assemble(examples=texts, labels=labels, keys=[t.strip() for t in texts], findings=findings, name=name,
+                    split_of=split_of if parts[0][0] else ())

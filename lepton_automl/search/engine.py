@@ -21,7 +21,7 @@ import optuna
 from lepton_automl.backbones import BackboneRegistry
 from lepton_automl.cost.hardware import CostModel, get_profile, load_profiles
 from lepton_automl.data.dataset import Splits
-from lepton_automl.data.split import stratified_split
+from lepton_automl.data.split import split_data
 from lepton_automl.exceptions import ConfigError, DataError, did_you_mean
 from lepton_automl.interfaces import Modality
 from lepton_automl.log import get_logger
@@ -116,7 +116,7 @@ def search(
     registry = registry or BackboneRegistry()
     mod = modality if isinstance(modality, Modality) else resolve_modality(data, modality)
     labelled = mod.load(data, options=data_options)
-    splits = stratified_split(labelled, validation=validation_fraction, test=test_fraction, seed=seed)
+    splits = split_data(labelled, validation=validation_fraction, test=test_fraction, seed=seed)
     logger.info("data %s: %d examples, %d classes; split %d/%d/%d", labelled.name, len(labelled),
                 labelled.num_classes, len(splits.train), len(splits.validation), len(splits.test))
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
@@ -22,6 +26,8 @@ from lepton_automl.training.trainer import TupleOut
 logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
+               "test": "test"}
 # Input resolution is one of the strongest latency knobs; digits do not need 224 px.
 IMAGE_SIZES = (64, 96, 128, 160, 192, 224)
 
@@ -84,44 +90,74 @@ class ImageModality(Modality):
         return any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(source).glob("*/*"))
 
     def load(self, source: Any, *, options: Mapping[str, Any] | None = None) -> LabelledData:
+        """Read ``ROOT/<class>/<image>`` (or ``ROOT/{train,validation,test}/<class>/<image>``),
+        checking every file: see ``lepton data check``."""
+        from lepton_automl.data.checks import assemble
         from lepton_automl.data.demo import resolve_demo
+        from lepton_automl.data.findings import Findings
 
+        options = dict(options or {})
         if isinstance(source, str) and source.startswith("demo:"):
             source = resolve_demo(source)
         root = Path(source)
+        if not root.exists():
+            raise DataError(f"Image folder {str(root)!r} does not exist. Check the path.")
         if not root.is_dir():
-            raise DataError(f"Image folder {str(root)!r} does not exist or is not a folder.")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
-            raise DataError(
-                f"{str(root)!r} has no class subfolders. Lay images out as ROOT/<class>/<image>.png."
-            )
+            raise DataError(f"{str(root)!r} is a file; give a folder with one subfolder per class.")
+        findings = Findings(str(root), strict=bool(options.get("strict")))
+        layout = [(SPLIT_NAMES[d.name], d) for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLIT_NAMES]
+        if not any(split == "train" for split, _ in layout):
+            layout = [("", root)]
         examples: list[str] = []
-        labels: list[int] = []
-        unreadable: list[str] = []
-        for label, cls in enumerate(classes):
-            for path in sorted(_walk_images(root / cls)):
-                if _readable(path):
+        labels: list[str] = []
+        keys: list[str] = []
+        split_of: list[str] = []
+        bad: dict[str, list[str]] = {"unreadable": [], "oversized": []}
+        converted: Counter[str] = Counter()
+        loops = ignored = 0
+        for split, base in layout:
+            classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not classes:
+                raise DataError(
+                    f"{str(base)!r} has no class subfolders. Lay images out as ROOT/<class>/<image>.png."
+                )
+            for cls in classes:
+                files, n_loops, n_other = _walk_images(base / cls)
+                loops += n_loops
+                ignored += n_other
+                if not files:
+                    findings.warning("empty-class", f"class folder {str(base / cls)!r} holds no images; ignored")
+                for path in files:
+                    status, mode, digest = _inspect(path)
+                    if status != "ok":
+                        bad[status].append(str(path))
+                        continue
+                    if mode != "RGB":
+                        converted[mode] += 1
                     examples.append(str(path))
-                    labels.append(label)
-                else:
-                    unreadable.append(str(path))
-        report: list[str] = []
-        if unreadable:
-            report.append(f"skipped {len(unreadable)} unreadable images (first: {unreadable[0]})")
-            logger.warning("%s: %s", root, report[-1])
+                    labels.append(cls)
+                    keys.append(digest)
+                    split_of.append(split)
+        for status, paths in bad.items():
+            first = paths[0] if paths else ""
+            findings.fixed(status, len(paths), (
+                f"skipped {len(paths)} unreadable or truncated images (first: {first})" if status == "unreadable"
+                else f"refused {len(paths)} images over the decompression-bomb limit of "
+                     f"{Image.MAX_IMAGE_PIXELS:,} pixels (first: {first})"))
+        modes = ", ".join(f"{m}: {n}" for m, n in sorted(converted.items()))
+        findings.fixed("converted", sum(converted.values()),
+                       f"converted {sum(converted.values())} images to RGB when decoding ({modes}; "
+                       "transparency composited on white, 16-bit scaled to 8-bit)")
+        findings.fixed("not-an-image", ignored, f"ignored {ignored} files that are not images "
+                       f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        findings.fixed("symlink-loop", loops, f"did not follow {loops} symlink loops")
         if not examples:
-            raise DataError(f"{str(root)!r} holds no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-        present = sorted(set(labels))
-        if len(present) < 2:
-            raise DataError(f"{str(root)!r} has images for a single class; classification needs two.")
-        return LabelledData(
-            examples=tuple(examples),
-            labels=np.array(labels),
-            classes=tuple(classes),
-            name=root.name,
-            report=tuple(report),
-        )
+            raise DataError(
+                f"{str(root)!r} holds no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+                + "; ".join(str(f) for f in findings.items)
+            )
+        return assemble(examples=examples, labels=labels, keys=keys, findings=findings, name=root.name,
+                        split_of=split_of if layout[0][0] else ())
 
     # -- search space ----------------------------------------------------------------------
     def _sizes(self, card: BackboneCard) -> list[int]:
@@ -199,30 +235,42 @@ def _probe_dim(model: nn.Module, params: Mapping[str, Any]) -> int:
         return int(model(torch.zeros(1, 3, size, size)).shape[-1])
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder``, following symlinks once (a symlink loop is not followed twice)."""
+def _walk_images(folder: Path) -> tuple[list[Path], int, int]:
+    """Image files under ``folder`` (symlinks followed once), symlink loops met, other files ignored."""
     found: list[Path] = []
     seen: set[str] = set()
+    loops = other = 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
+            loops += 1
             continue
         seen.add(real)
-        for fn in filenames:
+        dirnames.sort()
+        for fn in sorted(filenames):
             if Path(fn).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(Path(dirpath) / fn)
-    return found
+            elif not fn.startswith("."):
+                other += 1
+    return found, loops, other
 
 
-def _readable(path: Path) -> bool:
+def _inspect(path: Path) -> tuple[str, str, str]:
+    """("ok" | "unreadable" | "oversized", the image mode, a digest of the file's bytes)."""
     from PIL import Image
 
     try:
+        data = path.read_bytes()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
+                mode = img.mode
                 img.verify()
-        return True
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()  # a full decode: verify() alone misses truncated pixel data
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "oversized", "", ""
     except Exception:
-        return False
+        return "unreadable", "", ""
+    return "ok", mode, hashlib.sha1(data).hexdigest()

@@ -72,6 +72,27 @@ def _is_datasets_object(source: Any) -> bool:
     return type(source).__module__.startswith("datasets")
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _load_hub_dataset(name: str) -> Any:
+    """The real ``load_dataset`` path; offline, one line naming the switch and the local options."""
+    import os
+
+    import datasets
+
+    try:
+        return datasets.load_dataset(name)
+    except Exception as exc:
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "") in ("1", "true", "TRUE", "yes")
+        raise DataError(
+            f"Cannot load dataset {name!r} from the hub ({'HF_DATASETS_OFFLINE=1 is set' if offline else 'no network'}"
+            f": {type(exc).__name__}). Use a local file (CSV/TSV/JSONL/Parquet), a folder written by "
+            "save_to_disk, or a datasets object; or unset HF_DATASETS_OFFLINE where the hub is reachable."
+        ) from exc
+
+
 class TextModality(Modality):
     name = "text"
     tasks = ("classification",)
@@ -82,27 +103,37 @@ class TextModality(Modality):
 
     # -- ingest ----------------------------------------------------------------------------
     def can_load(self, source: Any) -> bool:
-        return is_table(source) or _is_datasets_object(source)
+        if _is_datasets_object(source) or is_table(source):
+            return True
+        if isinstance(source, str) and source.startswith("hf-hub:"):
+            return True
+        return isinstance(source, (str, Path)) and _is_saved_dataset(Path(source))
 
     def load(self, source: Any, *, options: Mapping[str, Any] | None = None) -> LabelledData:
+        """Read a table file, a ``datasets`` object, a ``save_to_disk`` folder or ``hf-hub:NAME``."""
+        from lepton_automl.data.findings import Findings
+
         options = dict(options or {})
+        name = getattr(source, "info", None) and getattr(source.info, "dataset_name", None) or "dataset"
+        findings = Findings(str(source) if isinstance(source, (str, Path)) else name,
+                            strict=bool(options.get("strict")))
         if _is_datasets_object(source):
-            if hasattr(source, "keys") and not hasattr(source, "column_names"):
-                raise DataError("Pass one split of a DatasetDict (e.g. ds['train']), or let search split it.")
-            ds, name = source, "dataset"
+            ds = source
+        elif isinstance(source, str) and source.startswith("hf-hub:"):
+            ds, name = _load_hub_dataset(source.partition(":")[2]), source.partition(":")[2].replace("/", "_")
+        elif isinstance(source, (str, Path)) and _is_saved_dataset(Path(source)):
+            import datasets
+
+            ds, name = datasets.load_from_disk(str(source)), Path(source).name
         elif is_table(source):
-            ds, name = read_table(source), Path(source).stem
+            ds, name = read_table(source, findings), Path(source).stem
         else:
             raise DataError(
-                f"Cannot read text data from {source!r}. Give a .csv, .tsv, .jsonl or .parquet file "
-                "or a datasets.Dataset."
+                f"Cannot read text data from {source!r}. Give a .csv, .tsv, .jsonl or .parquet file, a "
+                "datasets.Dataset or DatasetDict, a folder written by save_to_disk, or hf-hub:NAME."
             )
-        return text_data_from_dataset(
-            ds,
-            text_column=options.get("text_column"),
-            label_column=options.get("label_column"),
-            name=name,
-        )
+        return text_data_from_dataset(ds, text_column=options.get("text_column"),
+                                      label_column=options.get("label_column"), name=name, findings=findings)
 
     # -- search space ----------------------------------------------------------------------
     def suggest(self, trial: Any, card: BackboneCard) -> dict[str, Any]:
