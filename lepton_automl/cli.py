@@ -65,7 +65,7 @@ def _fmt(value: Any, spec: str) -> str:
 def _front_table(front: list[Any], recommended: int | None) -> Table:
     table = Table(title="Pareto front (feasible trials; accuracy up, latency and cost down)")
     for col in ("trial", "val acc", "test acc", "latency ms", "p90 ms", "cost USD", "size MB", "params M",
-                "backbone", "input", "training", "compression"):
+                "GMACs", "backbone", "input", "training", "compression"):
         table.add_column(col, justify="right" if col not in ("backbone", "training", "compression") else "left")
     for r in front:
         p = r.params
@@ -77,6 +77,7 @@ def _front_table(front: list[Any], recommended: int | None) -> Table:
         table.add_row(
             f"{r.number}{mark}", f"{r.accuracy:.4f}", _fmt(r.test_accuracy, ".4f"), f"{r.latency_ms:.3f}",
             _fmt(r.latency_p90_ms, ".3f"), f"{r.cost_usd:.5f}", _fmt(r.size_mb, ".2f"), _fmt(r.params_m, ".2f"),
+            _fmt(r.gmacs, ".3f"),
             str(p.get("backbone")), str(data), train, str(p.get("quant__mode", "none")),
         )
     return table
@@ -120,6 +121,8 @@ def search(
     seed: int = typer.Option(0, help="Seed of the split, the sampler and training."),
     run_dir: Path = typer.Option(Path("lepton_runs"), help="Where studies, trial artifacts and caches go."),
     warm_start: bool = typer.Option(True, help="Enqueue known-good configurations first."),
+    warm_start_from: Optional[str] = typer.Option(None, help="Enqueue the Pareto front of this other study first."),
+    trial_timeout: Optional[float] = typer.Option(None, help="Fail a trial that runs longer than this (seconds)."),
     untrained: bool = typer.Option(False, help="Allow backbones without offline weights (random init)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Hard limit on batch-1 latency."),
     max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the model file size."),
@@ -130,7 +133,7 @@ def search(
     predictions_per_month: float = typer.Option(1_000_000.0, help="Expected predictions, for the cost objective."),
     hardware_file: Optional[Path] = typer.Option(None, help="TOML file of extra hardware profiles."),
     registry_file: Optional[Path] = typer.Option(None, help="TOML/YAML file of extra backbone cards."),
-    pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy or latency."),
+    pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy, latency or knee."),
     keep_all_artifacts: bool = typer.Option(False, help="Keep the model files of trials off the front too."),
     export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -155,7 +158,8 @@ def search(
                 n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, run_root=run_dir,
                 warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month,
-                hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, progress=progress.features, callbacks=[progress.trial_done],
+                hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout,
+                warm_start_from=warm_start_from, progress=progress.features, callbacks=[progress.trial_done],
             )
         for number, reason in outcome.failed:
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)
@@ -190,7 +194,7 @@ def export(
     study_name: str = typer.Option(..., "--study", help="Study name."),
     out: Path = typer.Option(..., help="Folder to write."),
     trial: Optional[int] = typer.Option(None, help="Trial number (default: the pick rule on the front)."),
-    pick: str = typer.Option("balanced", help="balanced, accuracy or latency (when --trial is not given)."),
+    pick: str = typer.Option("balanced", help="balanced, accuracy, latency or knee (when --trial is not given)."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
     run_dir: Path = typer.Option(Path("lepton_runs")),
 ) -> None:

@@ -110,3 +110,48 @@ def test_text_search_end_to_end_with_a_local_model(text_csv, tiny_bert_dir, tmp_
     assert (predictor.directory / "tokenizer").is_dir()
     labels = predictor.predict(["kernel compiler thread cache", "recipe oven flour sauce"])
     assert all(label in outcome.splits.classes for label in labels)
+
+
+def _row(number: int, accuracy: float, latency: float):
+    from lepton_automl.search.front import FrontRow
+
+    return FrontRow(number=number, accuracy=accuracy, latency_ms=latency, cost_usd=latency / 100,
+                    test_accuracy=None, latency_p90_ms=None, size_mb=None, params_m=None, gmacs=None,
+                    params={}, artifact=None)
+
+
+def test_pick_rules_on_a_known_front() -> None:
+    rows = [_row(0, 0.80, 1.0), _row(1, 0.95, 2.0), _row(2, 0.96, 10.0), _row(3, 0.965, 40.0)]
+    assert pick(rows, rule="accuracy")[0].number == 3
+    assert pick(rows, rule="latency")[0].number == 0
+    assert pick(rows, rule="balanced")[0].number == 2  # fastest within 1 point of 0.965
+    row, why = pick(rows, rule="knee")
+    assert row.number == 1 and "knee" in why
+    with pytest.raises(ConfigError, match="knee"):
+        pick(rows, rule="fastest")
+
+
+def test_macs_are_counted_beside_latency(image_outcome) -> None:
+    outcome, _ = image_outcome
+    for row in outcome.front:
+        size = row.params["data__image_size"]
+        # efficientnet_lite0 is 0.39 GMACs at 224 px and scales with the pixel count.
+        assert row.gmacs == pytest.approx(0.384 * (size / 224) ** 2, rel=0.15)
+
+
+def test_trial_timeout_fails_the_trial_with_its_reason(image_folder, tmp_path) -> None:
+    outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=1, run_root=tmp_path,
+                     trial_timeout=1e-3)
+    assert len(outcome.failed) == 1 and "per-trial limit" in outcome.failed[0][1]
+
+
+def test_warm_start_from_another_study(image_folder, image_outcome, tmp_path) -> None:
+    outcome, root = image_outcome
+    again = search(image_folder, backbones=["efficientnet_lite0"], n_trials=1, run_root=root,
+                   study_name="second", warm_start_from="image-shapes")
+    first = again.study.trials[0]
+    source = optuna.load_study(study_name="image-shapes", storage=f"sqlite:///{root / 'lepton.db'}")
+    assert first.params in [t.params for t in source.best_trials]
+    with pytest.raises(ConfigError, match="No study 'image-shapez'.*Did you mean 'image-shapes'"):
+        search(image_folder, backbones=["efficientnet_lite0"], n_trials=1, run_root=root,
+               study_name="third", warm_start_from="image-shapez")

@@ -109,6 +109,8 @@ def search(
     validation_fraction: float = 0.2,
     test_fraction: float = 0.2,
     keep_all_artifacts: bool = False,
+    trial_timeout: float | None = None,
+    warm_start_from: str | None = None,
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> SearchOutcome:
@@ -160,9 +162,14 @@ def search(
         study.set_user_attr("modality", mod.name)
         study.set_user_attr("classes", list(splits.classes))
     if warm_start and not study.trials:
-        card = registry.get(min(names, key=lambda n: registry.get(n).params_m or 0.0))
-        for config in warm_start_configs(space, mod, registry, mod.warm_start_variants(card)):
+        configs = (_configs_from_study(warm_start_from, storage, names) if warm_start_from else
+                   warm_start_configs(space, mod, registry,
+                                      mod.warm_start_variants(registry.get(min(
+                                          names, key=lambda n: registry.get(n).params_m or 0.0)))))
+        for config in configs:
             study.enqueue_trial(config, skip_if_exists=True)
+        logger.info("warm start: %d configurations enqueued%s", len(configs),
+                    f" from study {warm_start_from!r}" if warm_start_from else " (linear probes, fp32 and int8)")
 
     profiles = load_profiles(hardware_file)
     cost = CostModel(train=get_profile(train_profile, profiles), serve=get_profile(serve_profile, profiles),
@@ -171,7 +178,7 @@ def search(
     run_dir = run_root / study_name
     runner = TrialRunner(modality=mod, registry=registry, splits=splits, space=space, cache=cache, cost=cost,
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
-                         threads=threads, progress=progress)
+                         threads=threads, trial_timeout=trial_timeout, progress=progress)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, n_trials - done)
     if remaining == 0:
@@ -189,6 +196,17 @@ def search(
     storage_str = storage if isinstance(storage, str) else type(storage).__name__
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
                          storage=storage_str, failed=failed)
+
+
+def _configs_from_study(name: str, storage: Any, backbones: Sequence[str]) -> list[dict[str, Any]]:
+    """The Pareto-front configurations of another study, restricted to this search's backbones."""
+    try:
+        other = optuna.load_study(study_name=name, storage=storage)
+    except KeyError as exc:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ConfigError(f"No study {name!r} to warm-start from.{did_you_mean(name, names)} "
+                          f"Studies in this storage: {names or 'none'}.") from exc
+    return [dict(t.params) for t in other.best_trials if t.params.get("backbone") in backbones]
 
 
 def _remove_dominated_artifacts(study: Any, *, keep: set[int], run_dir: Path) -> None:

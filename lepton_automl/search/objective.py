@@ -20,10 +20,12 @@ from lepton_automl.backbones import BackboneRegistry
 from lepton_automl.compression.quantization import quantize_onnx
 from lepton_automl.cost.hardware import CostModel
 from lepton_automl.cost.latency import measure_onnx_latency
+from lepton_automl.cost.macs import count_macs
 from lepton_automl.data.dataset import LabelledData, Splits
 from lepton_automl.export.artifact import save_artifact
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.interfaces import Modality, TrialResult
+from lepton_automl.exceptions import LeptonError
 from lepton_automl.log import get_logger
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.training.cache import FeatureCache, cache_key
@@ -39,6 +41,21 @@ from lepton_automl.training.trainer import (
 logger = get_logger(__name__)
 
 CALIBRATION_EXAMPLES = 64
+
+
+class TrialTimeout(LeptonError):
+    """A trial ran past the per-trial time limit."""
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    start: float
+    limit: float | None
+
+    def check(self, stage: str) -> None:
+        if self.limit is not None and time.perf_counter() - self.start > self.limit:
+            raise TrialTimeout(f"trial passed the per-trial limit of {self.limit:.0f} s during {stage} "
+                               "(raise --trial-timeout, or narrow the space)")
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,7 @@ class TrialRunner:
     seed: int = 0
     pretrained: bool = True
     threads: int | None = None
+    trial_timeout: float | None = None
     progress: Progress | None = None
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
@@ -114,6 +132,7 @@ class TrialRunner:
     # -- one configuration, end to end ------------------------------------------------------
     def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int) -> TrialResult:
         start = time.perf_counter()
+        deadline = _Deadline(start, self.trial_timeout)
         card = self.registry.get(params["backbone"])
         blocks = int(params.get("train__blocks", 0)) if params.get("train__mode") == "finetune" else 0
         parts = self.modality.build(card, self.registry, params=params, finetune_blocks=blocks,
@@ -134,6 +153,7 @@ class TrialRunner:
             }
             cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,
                                     label=f"{card.name} {prep} blocks={blocks}")
+        deadline.check("feature extraction")
         own_start = time.perf_counter()
         train_inputs = cached.arrays["train"]
         labels = self.splits.train.labels
@@ -147,7 +167,9 @@ class TrialRunner:
             head = train_probe(feats, labels, num_classes, cfg)
             ft = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=int(params["train__epochs"]),
                              seed=seed)
-            train_tail(parts.tail, head, train_inputs, labels, ft)
+            train_tail(parts.tail, head, train_inputs, labels, ft,
+                       should_stop=lambda epoch, _: deadline.check(f"fine-tuning epoch {epoch}") or False)
+        deadline.check("training")
         model = ExportModel(parts.trunk, parts.tail, head).eval()
 
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -160,9 +182,12 @@ class TrialRunner:
                      for e in self._calibration_examples(seed)]
             runtime = quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=str(params["quant__mode"]),
                                     calibration=calib)
+        deadline.check("export and quantization")
         accuracy = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
         test_accuracy = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
-        latency = measure_onnx_latency(runtime, self._latency_example(prep, seed), threads=self.threads)
+        latency_input = self._latency_example(prep, seed)
+        latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
+        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
         train_seconds = cached.seconds + (time.perf_counter() - own_start)
         cost = self.cost.total_usd(train_seconds=train_seconds, latency_ms=latency.median_ms)
         params_m = sum(p.numel() for p in model.parameters()) / 1e6
@@ -173,7 +198,7 @@ class TrialRunner:
             "accuracy": accuracy, "test_accuracy": test_accuracy, "latency_ms": latency.median_ms,
             "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs, "latency_threads": latency.threads,
             "latency_device": latency.device, "cost_usd": cost, "train_seconds": train_seconds,
-            "size_mb": size_mb, "params_m": params_m,
+            "size_mb": size_mb, "params_m": params_m, "gmacs": gmacs,
         }
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
                       card=card, params=params, classes=self.splits.classes, preprocessing=prep,
@@ -188,7 +213,7 @@ class TrialRunner:
             accuracy=accuracy, latency_ms=latency.median_ms, cost_usd=cost, test_accuracy=test_accuracy,
             latency_p90_ms=latency.p90_ms, size_mb=size_mb, params_m=params_m, train_seconds=train_seconds,
             artifact=str(trial_dir), extra={"cache_hit": cached.hit, "latency_runs": latency.runs,
-                                            "latency_threads": latency.threads},
+                                            "latency_threads": latency.threads, "gmacs": gmacs},
         )
 
     def _latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
