@@ -64,7 +64,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def _front_table(front: list[Any], recommended: int | None) -> Table:
     table = Table(title="Pareto front (feasible trials; accuracy up, latency and cost down)")
-    for col in ("trial", "val acc", "test acc", "latency ms", "p90 ms", "cost USD", "size MB", "params M",
+    for col in ("trial", "val acc", "test acc", "latency ms", "p90 ms", "cost USD", "gz MB", "params M",
                 "GMACs", "backbone", "input", "training", "compression"):
         table.add_column(col, justify="right" if col not in ("backbone", "training", "compression") else "left")
     for r in front:
@@ -78,9 +78,18 @@ def _front_table(front: list[Any], recommended: int | None) -> Table:
             f"{r.number}{mark}", f"{r.accuracy:.4f}", _fmt(r.test_accuracy, ".4f"), f"{r.latency_ms:.3f}",
             _fmt(r.latency_p90_ms, ".3f"), f"{r.cost_usd:.5f}", _fmt(r.size_mb, ".2f"), _fmt(r.params_m, ".2f"),
             _fmt(r.gmacs, ".3f"),
-            str(p.get("backbone")), str(data), train, str(p.get("quant__mode", "none")),
+            str(p.get("backbone")), str(data), train, _compression(p),
         )
     return table
+
+
+def _compression(params: dict[str, Any]) -> str:
+    parts = []
+    if params.get("prune__method", "none") != "none":
+        parts.append(f"{params['prune__method']} prune {float(params['prune__amount']):.0%}")
+    if params.get("quant__mode", "none") != "none":
+        parts.append(str(params["quant__mode"]))
+    return ", ".join(parts) or "none"
 
 
 class _RichProgress:
@@ -125,7 +134,7 @@ def search(
     trial_timeout: Optional[float] = typer.Option(None, help="Fail a trial that runs longer than this (seconds)."),
     untrained: bool = typer.Option(False, help="Allow backbones without offline weights (random init)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Hard limit on batch-1 latency."),
-    max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the model file size."),
+    max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the gzip-compressed model file (MB)."),
     max_cost_usd: Optional[float] = typer.Option(None, help="Hard limit on the cost objective."),
     max_params: Optional[float] = typer.Option(None, help="Hard limit on parameters, in millions."),
     train_hardware: str = typer.Option("local-cpu", help="Price profile of the training machine."),

@@ -46,6 +46,10 @@ class Modality(ABC):
     # Which registry cards this modality's backbones come from; the audio example plugin feeds
     # spectrograms to "image" backbones. None means the modality's own name.
     backbone_modality: ClassVar[str | None] = None
+    # How structured pruning applies: "channels" (the core prunes conv channels after training,
+    # then fine-tunes to recover) or "layers" (``build`` keeps the first layers itself when
+    # ``params["prune__method"] == "structured"``, before features are extracted).
+    structured_pruning: ClassVar[str] = "channels"
 
     @classmethod
     def backbones_from(cls) -> str:

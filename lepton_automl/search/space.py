@@ -6,6 +6,9 @@
   ``train__blocks`` blocks and the head, on cached trunk outputs, for ``train__epochs``);
 - ``optim__weight_decay`` (log scale): the L2 strength of the head (and AdamW's decay when
   fine-tuning); ``optim__lr`` (log scale) only when fine-tuning, since the probe is solved by L-BFGS;
+- ``prune__method``: ``none``, ``structured`` (conv channels, then ``prune__recovery_epochs`` of
+  fine-tuning; for transformers, whole layers) or ``unstructured`` (magnitude; a size option only),
+  with ``prune__amount``;
 - ``quant__mode``: ``none`` or ``int8`` (static for convolutional graphs, dynamic MatMul otherwise).
 Conditional parameters (``train__blocks``, ``train__epochs``) are suggested only when they apply.
 """
@@ -21,6 +24,7 @@ from lepton_automl.exceptions import ConfigError
 from lepton_automl.interfaces import Modality
 
 TRAIN_MODES = ("probe", "finetune")
+PRUNE_METHODS = ("none", "structured", "unstructured")
 QUANT_MODES = ("none", "int8")
 
 
@@ -29,6 +33,9 @@ class SearchSpace:
     backbones: tuple[str, ...]
     train_modes: tuple[str, ...] = TRAIN_MODES
     quant_modes: tuple[str, ...] = QUANT_MODES
+    prune_methods: tuple[str, ...] = PRUNE_METHODS
+    prune_amount: tuple[float, float] = (0.1, 0.6)
+    max_recovery_epochs: int = 2
     lr: tuple[float, float] = (1e-5, 1e-3)
     weight_decay: tuple[float, float] = (1e-6, 1e-2)
     max_epochs: int = 4
@@ -61,6 +68,11 @@ def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: Backbo
         params["train__epochs"] = trial.suggest_int("train__epochs", 1, space.max_epochs)
         params["optim__lr"] = trial.suggest_float("optim__lr", *space.lr, log=True)
     params["optim__weight_decay"] = trial.suggest_float("optim__weight_decay", *space.weight_decay, log=True)
+    params["prune__method"] = trial.suggest_categorical("prune__method", list(space.prune_methods))
+    if params["prune__method"] != "none":
+        params["prune__amount"] = trial.suggest_float("prune__amount", *space.prune_amount)
+    if params["prune__method"] == "structured" and modality.structured_pruning == "channels":
+        params["prune__recovery_epochs"] = trial.suggest_int("prune__recovery_epochs", 1, space.max_recovery_epochs)
     params["quant__mode"] = trial.suggest_categorical("quant__mode", list(space.quant_modes))
     return params
 
@@ -84,6 +96,7 @@ def warm_start_configs(
                     **variant,
                     "train__mode": "probe",
                     "optim__weight_decay": 1e-4,
+                    "prune__method": "none",
                     "quant__mode": quant,
                 }
             )

@@ -44,6 +44,22 @@ def make_head(features: np.ndarray, num_classes: int, *, generator: torch.Genera
     return nn.Sequential(Standardize(mean, std), linear)
 
 
+@torch.no_grad()
+def fold_standardize(head: nn.Sequential) -> None:
+    """Fold ``Standardize`` into the following ``Linear`` (in place), leaving an identity in its slot.
+
+    Structured pruning removes input features of the linear layer; the standardisation buffers
+    would no longer match them. W x' + b with x' = (x - m) / s equals (W / s) x + (b - W m / s).
+    """
+    if not isinstance(head[0], Standardize):
+        return
+    std, mean = head[0].std, head[0].mean
+    linear = head[1]
+    linear.bias.sub_(linear.weight @ (mean / std))
+    linear.weight.div_(std)
+    head[0] = nn.Identity()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 1e-2

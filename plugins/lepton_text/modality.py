@@ -97,6 +97,7 @@ class TextModality(Modality):
     name = "text"
     tasks = ("classification",)
     description = "Text tables (CSV/TSV/JSONL/Parquet, datasets) with transformers encoders"
+    structured_pruning = "layers"  # drop whole layers, keeping the first ones
 
     def __init__(self) -> None:
         self._tokenizers: dict[str, Any] = {}
@@ -160,6 +161,12 @@ class TextModality(Modality):
     ) -> ModelParts:
         model = registry.load(card, pretrained=pretrained)
         model.eval()
+        if params.get("prune__method") == "structured":
+            # Keep the first layers: the embeddings and lower layers carry most of what a linear
+            # probe uses, and it gives a single backbone a range of latencies.
+            total = len(model.encoder.layer)
+            keep = max(1, int(round(total * (1.0 - float(params["prune__amount"])))))
+            model.encoder.layer = model.encoder.layer[:keep]
         n = len(model.encoder.layer)
         k = max(0, min(finetune_blocks, n))
         dim = int(model.config.hidden_size)

@@ -1,0 +1,83 @@
+"""Pruning inside a trial: structured channels with recovery, unstructured magnitude, text layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lepton_automl.backbones import BackboneCard, BackboneRegistry
+from lepton_automl.cost.hardware import CostModel, load_profiles
+from lepton_automl.data.split import split_data
+from lepton_automl.search.objective import TrialRunner
+from lepton_automl.search.space import SearchSpace
+from lepton_automl.training.cache import FeatureCache
+from lepton_image import ImageModality
+from lepton_text import TextModality
+
+
+def _runner(modality, data, registry, tmp_path: Path, backbone: str) -> TrialRunner:
+    profiles = load_profiles()
+    return TrialRunner(modality=modality, registry=registry, splits=split_data(data, seed=0),
+                       space=SearchSpace(backbones=(backbone,)), cache=FeatureCache(tmp_path / "cache"),
+                       cost=CostModel(train=profiles["local-cpu"], serve=profiles["local-cpu"]), run_dir=tmp_path)
+
+
+BASE = {"backbone": "efficientnet_lite0", "data__image_size": 64, "train__mode": "probe",
+        "optim__weight_decay": 1e-4, "quant__mode": "none"}
+
+
+@pytest.fixture(scope="module")
+def image_runner(image_folder, tmp_path_factory):
+    modality = ImageModality()
+    return _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path_factory.mktemp("p"),
+                   "efficientnet_lite0")
+
+
+def test_structured_pruning_shrinks_the_model_and_is_measured(image_runner, tmp_path) -> None:
+    plain = image_runner.evaluate({**BASE, "prune__method": "none"}, trial_dir=tmp_path / "a", seed=0)
+    pruned = image_runner.evaluate({**BASE, "prune__method": "structured", "prune__amount": 0.5,
+                                    "prune__recovery_epochs": 1}, trial_dir=tmp_path / "b", seed=0)
+    assert pruned.params_m < 0.6 * plain.params_m
+    assert pruned.extra["gmacs"] < plain.extra["gmacs"]
+    assert pruned.extra["size_raw_mb"] < plain.extra["size_raw_mb"]
+    assert 0.0 <= pruned.accuracy <= 1.0  # measured on the pruned, exported artifact
+
+
+def test_unstructured_pruning_is_a_size_option(image_runner, tmp_path) -> None:
+    plain = image_runner.evaluate({**BASE, "prune__method": "none"}, trial_dir=tmp_path / "a", seed=0)
+    sparse = image_runner.evaluate({**BASE, "prune__method": "unstructured", "prune__amount": 0.6},
+                                   trial_dir=tmp_path / "b", seed=0)
+    assert sparse.extra["weight_zero_fraction"] > 0.5
+    assert sparse.params_m == pytest.approx(plain.params_m)  # same dense shapes
+    assert sparse.size_mb < 0.8 * plain.size_mb  # the gzip-compressed file shrinks
+
+
+def test_text_structured_pruning_drops_layers(text_csv, tiny_bert_dir, tmp_path) -> None:
+    registry = BackboneRegistry()
+    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local"))
+    modality = TextModality()
+    runner = _runner(modality, modality.load(text_csv), registry, tmp_path, "tiny")
+    base = {"backbone": "tiny", "data__max_length": 32, "train__mode": "probe", "optim__weight_decay": 1e-4,
+            "quant__mode": "none"}
+    full = runner.evaluate({**base, "prune__method": "none"}, trial_dir=tmp_path / "a", seed=0)
+    half = runner.evaluate({**base, "prune__method": "structured", "prune__amount": 0.5},
+                           trial_dir=tmp_path / "b", seed=0)
+    assert half.params_m < full.params_m and half.extra["gmacs"] < full.extra["gmacs"]
+    assert half.extra["cache_hit"] is False  # a different backbone cut is a different cache entry
+
+
+def test_folding_the_standardisation_keeps_the_logits() -> None:
+    import numpy as np
+    import torch
+
+    from lepton_automl.training.trainer import TrainConfig, fold_standardize, train_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (60, 8)).astype(np.float32)
+    y = (x[:, 0] > 3).astype(np.int64)
+    head = train_probe(x, y, 2, TrainConfig(weight_decay=1e-3))
+    before = head(torch.from_numpy(x))
+    fold_standardize(head)
+    assert isinstance(head[0], torch.nn.Identity)
+    assert torch.allclose(head(torch.from_numpy(x)), before, atol=1e-4)
