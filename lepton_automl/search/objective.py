@@ -36,6 +36,7 @@ from lepton_automl.training.features import Progress, run_trunk_fast
 from lepton_automl.training.trainer import (
     ExportModel,
     TrainConfig,
+    cross_validated_probe_accuracy,
     fold_standardize,
     tail_features,
     train_probe,
@@ -84,6 +85,11 @@ class Limits:
             "params_m": (result.params_m, self.max_params_m),
         }
         return {k: float(v - lim) for k, (v, lim) in pairs.items() if lim is not None and v is not None}
+
+
+@torch.no_grad()
+def _torch_accuracy(head: torch.nn.Module, features: np.ndarray, labels: np.ndarray) -> float:
+    return float((head(torch.from_numpy(np.asarray(features, dtype=np.float32))).argmax(1).numpy() == labels).mean())
 
 
 def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
@@ -195,7 +201,19 @@ class TrialRunner:
             runtime = quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=str(params["quant__mode"]),
                                     calibration=calib)
         deadline.check("export and quantization")
-        accuracy = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
+        holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
+        accuracy = holdout
+        cv = None
+        prune = params.get("prune__method", "none")
+        if blocks == 0 and (prune == "none" or (prune == "structured" and self.modality.structured_pruning == "layers")):
+            # A probe on cached features: judge it by 5-fold cross-validation over train+validation,
+            # then subtract what compression cost on the held-out split (measured, artifact vs fp32).
+            pooled = np.concatenate([np.asarray(train_inputs[0]), np.asarray(cached.arrays["validation"][0])])
+            pooled_labels = np.concatenate([labels, self.splits.validation.labels])
+            cv = cross_validated_probe_accuracy(pooled, pooled_labels, num_classes, cfg)
+            fp32_holdout = _torch_accuracy(head, np.asarray(cached.arrays["validation"][0]),
+                                           self.splits.validation.labels)
+            accuracy = cv + (holdout - fp32_holdout)
         test_accuracy = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
         latency_input = self._latency_example(prep, seed)
         latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
@@ -208,7 +226,7 @@ class TrialRunner:
         if not math.isfinite(accuracy):
             raise FloatingPointError("accuracy is not finite")
         metrics = {
-            "accuracy": accuracy, "test_accuracy": test_accuracy, "latency_ms": latency.median_ms,
+            "accuracy": accuracy, "holdout_accuracy": holdout, "cv_accuracy": cv, "test_accuracy": test_accuracy, "latency_ms": latency.median_ms,
             "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs, "latency_threads": latency.threads,
             "latency_device": latency.device, "cost_usd": cost, "train_seconds": train_seconds,
             "size_mb": size_mb, "size_gz_mb": size_gz_mb, "params_m": params_m, "gmacs": gmacs,
@@ -218,8 +236,9 @@ class TrialRunner:
                       card=card, params=params, classes=self.splits.classes, preprocessing=prep,
                       finetune_blocks=blocks, metrics=metrics, name=f"{self.splits.train.name} classifier")
         logger.info(
-            "%s %s %s quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)",
+            "%s %s %s prune=%s quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)",
             card.name, {k: v for k, v in params.items() if k.startswith("data__")}, params["train__mode"],
+            prune if prune == "none" else f"{prune}:{float(params['prune__amount']):.2f}",
             params.get("quant__mode"), accuracy, latency.median_ms, cost, time.perf_counter() - start,
             ", features cached" if cached.hit else "",
         )
@@ -228,7 +247,8 @@ class TrialRunner:
             latency_p90_ms=latency.p90_ms, size_mb=size_gz_mb, params_m=params_m, train_seconds=train_seconds,
             artifact=str(trial_dir), extra={"cache_hit": cached.hit, "latency_runs": latency.runs,
                                             "latency_threads": latency.threads, "gmacs": gmacs,
-                                            "size_raw_mb": size_mb, "weight_zero_fraction": zeros},
+                                            "size_raw_mb": size_mb, "weight_zero_fraction": zeros,
+                                            "holdout_accuracy": holdout, "cv_accuracy": cv},
         )
 
     def _prune(self, model: ExportModel, params: Mapping[str, Any], prep: Mapping[str, Any], *, seed: int,
