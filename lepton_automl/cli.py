@@ -132,11 +132,13 @@ def search(
     warm_start: bool = typer.Option(True, help="Enqueue known-good configurations first."),
     warm_start_from: Optional[str] = typer.Option(None, help="Enqueue the Pareto front of this other study first."),
     trial_timeout: Optional[float] = typer.Option(None, help="Fail a trial that runs longer than this (seconds)."),
+    class_weights: bool = typer.Option(False, help="Weight the loss by inverse class frequency (imbalanced data)."),
     untrained: bool = typer.Option(False, help="Allow backbones without offline weights (random init)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Hard limit on batch-1 latency."),
     max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the gzip-compressed model file (MB)."),
     max_cost_usd: Optional[float] = typer.Option(None, help="Hard limit on the cost objective."),
     max_params: Optional[float] = typer.Option(None, help="Hard limit on parameters, in millions."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Hard floor on validation accuracy."),
     train_hardware: str = typer.Option("local-cpu", help="Price profile of the training machine."),
     serve_hardware: str = typer.Option("local-cpu", help="Price profile of the serving machine."),
     predictions_per_month: float = typer.Option(1_000_000.0, help="Expected predictions, for the cost objective."),
@@ -157,7 +159,7 @@ def search(
 
         quiet_optuna()
         limits = Limits(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_cost_usd=max_cost_usd,
-                        max_params_m=max_params)
+                        max_params_m=max_params, min_accuracy=min_accuracy)
         progress = _RichProgress(total=n_trials)
         with progress.progress:
             outcome = run_search(
@@ -167,7 +169,7 @@ def search(
                 n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, run_root=run_dir,
                 warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month,
-                hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout,
+                hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout, class_weights=class_weights,
                 warm_start_from=warm_start_from, progress=progress.features, callbacks=[progress.trial_done],
             )
         for number, reason in outcome.failed:

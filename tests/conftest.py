@@ -89,8 +89,9 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)  # only in this fixture's own process-level setup of a throwaway model
-    model = BertModel(config)
+    with torch.random.fork_rng():  # a fixed model without touching the suite's global RNG state
+        torch.manual_seed(0)
+        model = BertModel(config)
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root

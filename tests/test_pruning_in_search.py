@@ -102,3 +102,24 @@ def test_probe_trials_report_cross_validated_and_holdout_accuracy(image_runner, 
     assert result.extra["cv_accuracy"] is not None and result.extra["holdout_accuracy"] is not None
     # fp32 artifact: no compression loss, so the objective is the cross-validated accuracy itself.
     assert result.accuracy == pytest.approx(result.extra["cv_accuracy"], abs=0.02)
+
+
+def test_class_weights_raise_minority_recall() -> None:
+    import numpy as np
+    import torch
+
+    from lepton_automl.training.trainer import TrainConfig, inverse_frequency_weights, train_probe
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 400 + [1] * 20)
+    x = (rng.normal(0, 1, (420, 2)) + np.where(y[:, None] == 1, 1.2, 0.0)).astype(np.float32)
+    weights = inverse_frequency_weights(y, 2)
+    assert weights == pytest.approx((420 / 800, 420 / 40))
+
+    def minority_recall(cfg: TrainConfig) -> float:
+        head = train_probe(x, y, 2, cfg)
+        with torch.no_grad():
+            return float((head(torch.from_numpy(x)).argmax(1).numpy()[y == 1] == 1).mean())
+
+    assert minority_recall(TrainConfig(weight_decay=1e-3, class_weights=weights)) > \
+        minority_recall(TrainConfig(weight_decay=1e-3)) + 0.3

@@ -155,3 +155,29 @@ def test_warm_start_from_another_study(image_folder, image_outcome, tmp_path) ->
     with pytest.raises(ConfigError, match="No study 'image-shapez'.*Did you mean 'image-shapes'"):
         search(image_folder, backbones=["efficientnet_lite0"], n_trials=1, run_root=root,
                study_name="third", warm_start_from="image-shapez")
+
+
+def test_a_users_build_fn_takes_part_like_a_registry_backbone(image_folder, tmp_path) -> None:
+    import torch
+
+    registry = BackboneRegistry()
+
+    def tiny_cnn() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    registry.register_build_fn("tiny_cnn", tiny_cnn, modality="image", params_m=0.0003)
+    outcome = search(image_folder, registry=registry, backbones=["tiny_cnn"], n_trials=2, run_root=tmp_path,
+                     untrained=True)
+    assert outcome.failed == [] and outcome.front
+    assert all(r.params["backbone"] == "tiny_cnn" for r in outcome.front)
+
+
+def test_a_model_at_chance_never_enters_the_front(image_outcome) -> None:
+    outcome, _ = image_outcome
+    for t in outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert "above_chance" in t.constraints
+    from lepton_automl.search.objective import usefulness_floor
+    import numpy as np
+
+    assert usefulness_floor(np.array([0, 0, 0, 1])) == pytest.approx(0.75 + 0.025)

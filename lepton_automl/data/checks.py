@@ -81,8 +81,8 @@ def assemble(
         most, least = counts.most_common()[0], counts.most_common()[-1]
         if most[1] >= IMBALANCE_RATIO * least[1]:
             findings.warning("imbalance", f"class {most[0]!r} has {most[1]} examples but {least[0]!r} only "
-                             f"{least[1]}; expect lower recall on small classes (collect more of them, or "
-                             "weight the loss by class)")
+                             f"{least[1]}; expect lower recall on small classes: collect more of them, or "
+                             "pass --class-weights to `lepton search` to weight the loss by inverse class frequency")
     findings.raise_errors()
     index = {c: i for i, c in enumerate(classes)}
     return LabelledData(

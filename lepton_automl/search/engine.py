@@ -110,6 +110,7 @@ def search(
     test_fraction: float = 0.2,
     keep_all_artifacts: bool = False,
     trial_timeout: float | None = None,
+    class_weights: bool = False,
     warm_start_from: str | None = None,
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
@@ -178,7 +179,8 @@ def search(
     run_dir = run_root / study_name
     runner = TrialRunner(modality=mod, registry=registry, splits=splits, space=space, cache=cache, cost=cost,
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
-                         threads=threads, trial_timeout=trial_timeout, progress=progress)
+                         threads=threads, trial_timeout=trial_timeout, class_weights=class_weights,
+                         progress=progress)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, n_trials - done)
     if remaining == 0:

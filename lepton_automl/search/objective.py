@@ -38,6 +38,7 @@ from lepton_automl.training.trainer import (
     TrainConfig,
     cross_validated_probe_accuracy,
     fold_standardize,
+    inverse_frequency_weights,
     tail_features,
     train_probe,
     train_tail,
@@ -75,16 +76,29 @@ class Limits:
     max_size_mb: float | None = None
     max_cost_usd: float | None = None
     max_params_m: float | None = None
+    min_accuracy: float | None = None
 
     def constraints(self, result: TrialResult) -> dict[str, float]:
         """Optuna constraint values: <= 0 is feasible."""
+        out = {}
+        if self.min_accuracy is not None:
+            out["min_accuracy"] = float(self.min_accuracy - result.accuracy)
         pairs = {
             "latency_ms": (result.latency_ms, self.max_latency_ms),
             "size_mb": (result.size_mb, self.max_size_mb),
             "cost_usd": (result.cost_usd, self.max_cost_usd),
             "params_m": (result.params_m, self.max_params_m),
         }
-        return {k: float(v - lim) for k, (v, lim) in pairs.items() if lim is not None and v is not None}
+        out.update({k: float(v - lim) for k, (v, lim) in pairs.items() if lim is not None and v is not None})
+        return out
+
+
+def usefulness_floor(labels: np.ndarray) -> float:
+    """The least accuracy a recommendable model needs: a tenth of the way from always predicting the
+    most common class to perfect. A pruned model that collapsed to guessing is fast, cheap and
+    therefore Pareto-optimal, but useless; this keeps it off the front."""
+    majority = float(np.bincount(labels).max() / max(1, len(labels)))
+    return majority + 0.1 * (1.0 - majority)
 
 
 @torch.no_grad()
@@ -125,6 +139,7 @@ class TrialRunner:
     pretrained: bool = True
     threads: int | None = None
     trial_timeout: float | None = None
+    class_weights: bool = False
     progress: Progress | None = None
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
@@ -137,6 +152,7 @@ class TrialRunner:
             raise
         for key, value in self.limits.constraints(result).items():
             trial.set_constraint(key, value)
+        trial.set_constraint("above_chance", usefulness_floor(self.splits.train.labels) - result.accuracy)
         for key in ("test_accuracy", "latency_p90_ms", "size_mb", "params_m", "train_seconds", "artifact"):
             trial.set_user_attr(key, getattr(result, key))
         for key, value in result.extra.items():
@@ -174,8 +190,9 @@ class TrialRunner:
         own_start = time.perf_counter()
         train_inputs = cached.arrays["train"]
         labels = self.splits.train.labels
+        weights = inverse_frequency_weights(labels, len(self.splits.classes)) if self.class_weights else None
         cfg = TrainConfig(lr=float(params.get("optim__lr", 1e-3)),
-                          weight_decay=float(params["optim__weight_decay"]), seed=seed)
+                          weight_decay=float(params["optim__weight_decay"]), seed=seed, class_weights=weights)
         num_classes = len(self.splits.classes)
         if blocks == 0:
             head = train_probe(np.asarray(train_inputs[0]), labels, num_classes, cfg)
@@ -183,7 +200,7 @@ class TrialRunner:
             feats = tail_features(parts.tail, train_inputs)
             head = train_probe(feats, labels, num_classes, cfg)
             ft = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=int(params["train__epochs"]),
-                             seed=seed)
+                             seed=seed, class_weights=weights)
             train_tail(parts.tail, head, train_inputs, labels, ft,
                        should_stop=lambda epoch, _: deadline.check(f"fine-tuning epoch {epoch}") or False)
         deadline.check("training")

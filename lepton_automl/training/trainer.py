@@ -94,6 +94,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     epochs: int = 3  # fine-tuning passes over the data
     probe_iters: int = 200  # L-BFGS iterations for the linear probe
+    class_weights: tuple[float, ...] | None = None  # loss weight per class (imbalanced data)
+
+    def loss_weights(self) -> torch.Tensor | None:
+        return None if self.class_weights is None else torch.tensor(self.class_weights, dtype=torch.float32)
     batch_size: int = 32
     seed: int = 0
 
@@ -129,7 +133,8 @@ def train_probe(
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(linear(z), y) + 0.5 * cfg.weight_decay * linear.weight.pow(2).sum()
+        loss = (nn.functional.cross_entropy(linear(z), y, weight=cfg.loss_weights())
+                + 0.5 * cfg.weight_decay * linear.weight.pow(2).sum())
         _check(loss)
         loss.backward()
         return loss
@@ -168,7 +173,8 @@ def train_tail(
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(head(tail(*[t[idx] for t in tensors])), y[idx])
+            loss = nn.functional.cross_entropy(head(tail(*[t[idx] for t in tensors])), y[idx],
+                                               weight=cfg.loss_weights())
             _check(loss)
             loss.backward()
             opt.step()
@@ -208,3 +214,9 @@ def tail_features(tail: nn.Module, inputs: tuple[np.ndarray, ...], *, batch_size
     n = tensors[0].shape[0]
     out = [tail(*[t[s : s + batch_size] for t in tensors]) for s in range(0, n, batch_size)]
     return torch.cat(out).numpy()
+
+
+def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """n / (C * n_c): each class contributes equally to the loss (King & Zeng, 2001; sklearn's "balanced")."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    return tuple(float(len(labels) / (num_classes * max(c, 1.0))) for c in counts)
