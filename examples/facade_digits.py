@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -15,7 +13,6 @@ from lepton_automl import Lepton
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # an application may configure logging
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).astype(np.uint8)  # 8x8 grayscale, 0..255
     x_train, x_test, y_train, y_test = train_test_split(

@@ -33,7 +33,7 @@ from lepton_automl.export.artifact import load_metadata, save_artifact
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.log import get_logger
 from lepton_automl.plugins import MODALITIES, PluginRegistry
-from lepton_automl.training.trainer import ExportModel, TupleOut
+from lepton_automl.training.trainer import ExportModel, TupleOut, recalibrate_batchnorm
 
 logger = get_logger(__name__)
 
@@ -204,29 +204,12 @@ class Lepton:
         self._recalibrate_batchnorm()
         model.eval()
 
-    @torch.no_grad()
     def _recalibrate_batchnorm(self, *, batch_size: int = 64) -> None:
-        """Re-estimate BatchNorm statistics with an exact average over the training set.
-
-        Fine-tuning at a small input size moves the activations far from ImageNet's statistics,
-        and the running averages (momentum 0.1) lag behind the weights: evaluated with them, a
-        model that fit its training set scored near chance. A cumulative pass fixes the lag.
-        """
-        model = self._require_model()
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms or self._train is None:
+        if self._train is None:
             return
-        saved = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average
-        model.train()
         x = self._train[0]
-        for start in range(0, len(x), batch_size):
-            model(self._inputs(x[start : start + batch_size]))
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-        model.eval()
+        recalibrate_batchnorm(self._require_model(),
+                              ((self._inputs(x[s : s + batch_size]),) for s in range(0, len(x), batch_size)))
 
     # -- inference -------------------------------------------------------------------------
     def _logits(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
@@ -278,8 +261,8 @@ class Lepton:
         params = sum(p.numel() for p in self._require_model().parameters()) / 1e6
         return Measurement(accuracy, latency.median_ms, onnx_path.stat().st_size / 2**20, params)
 
-    def compress(self, prune: float = 0.0, quant: str = "none", *, recovery_epochs: int = 1,
-                 recovery_lr: float = 5e-4) -> CompressionReport:
+    def compress(self, prune: float = 0.0, quant: str = "none", *, recovery_epochs: int = 3,
+                 recovery_lr: float = 1e-3) -> CompressionReport:
         """Prune channels (then a short recovery fine-tune) and/or quantize; measured before and after."""
         model = self._require_model()
         if quant not in ("none", "int8"):

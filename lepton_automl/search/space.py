@@ -35,7 +35,7 @@ class SearchSpace:
     quant_modes: tuple[str, ...] = QUANT_MODES
     prune_methods: tuple[str, ...] = PRUNE_METHODS
     prune_amount: tuple[float, float] = (0.1, 0.6)
-    max_recovery_epochs: int = 2
+    max_recovery_epochs: int = 3
     lr: tuple[float, float] = (1e-5, 1e-3)
     weight_decay: tuple[float, float] = (1e-6, 1e-2)
     max_epochs: int = 4

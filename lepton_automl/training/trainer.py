@@ -8,7 +8,7 @@ caller: the global torch seed is never touched (deep-river issue 172).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,3 +220,27 @@ def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> tuple[flo
     """n / (C * n_c): each class contributes equally to the loss (King & Zeng, 2001; sklearn's "balanced")."""
     counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
     return tuple(float(len(labels) / (num_classes * max(c, 1.0))) for c in counts)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> None:
+    """Re-estimate BatchNorm statistics as an exact average over ``batches`` (then eval mode).
+
+    After fine-tuning a pruned network, or a network at a small input size, the running averages
+    (momentum 0.1) lag far behind the weights: evaluated with them, models that fit their training
+    set scored at chance here. A cumulative pass over the training data fixes the lag.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        model.eval()
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for batch in batches:
+        model(*batch)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
