@@ -95,12 +95,12 @@ def run(modality_name: str, data_source: str, backbone: str, base: dict, variant
 IMAGE_VARIANTS = {
     "ORT fp32": {"prune__method": "none", "quant__mode": "none"},
     "ORT int8 static": {"prune__method": "none", "quant__mode": "int8"},
-    "pruned 30% + recovery": {"prune__method": "structured", "prune__amount": 0.3, "prune__recovery_epochs": 1,
+    "pruned 30% + recovery": {"prune__method": "structured", "prune__amount": 0.3, "prune__recovery_epochs": 2,
                               "quant__mode": "none"},
-    "pruned 50% + recovery": {"prune__method": "structured", "prune__amount": 0.5, "prune__recovery_epochs": 1,
+    "pruned 50% + recovery": {"prune__method": "structured", "prune__amount": 0.5, "prune__recovery_epochs": 2,
                               "quant__mode": "none"},
     "pruned 30% + recovery + int8": {"prune__method": "structured", "prune__amount": 0.3,
-                                     "prune__recovery_epochs": 1, "quant__mode": "int8"},
+                                     "prune__recovery_epochs": 2, "quant__mode": "int8"},
     "96 px, int8": {"data__image_size": 96, "prune__method": "none", "quant__mode": "int8"},
     "unstructured 50% (size only)": {"prune__method": "unstructured", "prune__amount": 0.5, "quant__mode": "none"},
 }
