@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
@@ -202,10 +202,6 @@ class BackboneRegistry:
     def load(self, card: BackboneCard | str, *, pretrained: bool = True) -> Any:
         card = self.get(card) if isinstance(card, str) else card
         return self.source(card.scheme).load(card, pretrained=pretrained)
-
-    def with_card(self, name: str, **changes: Any) -> BackboneCard:
-        """Return a copy of card ``name`` with ``changes`` applied (cards are frozen)."""
-        return replace(self.get(name), **changes)
 
 
 class _BuildFnSource:

@@ -6,7 +6,6 @@ Text and label columns are detected by name (``text``/``sentence``/``content``..
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 

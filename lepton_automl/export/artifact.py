@@ -27,14 +27,6 @@ def card_to_dict(card: BackboneCard) -> dict[str, Any]:
     return out
 
 
-def card_from_dict(data: Mapping[str, Any]) -> BackboneCard:
-    values = dict(data)
-    for key in ("input_size", "mean", "std", "tasks"):
-        if values.get(key) is not None:
-            values[key] = tuple(values[key])
-    return BackboneCard(**values)
-
-
 def save_artifact(
     directory: str | Path,
     *,

@@ -9,7 +9,6 @@ passes. Rerunning with the same storage and study name resumes: finished trials 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,7 +232,3 @@ def _remove_dominated_artifacts(study: Any, *, keep: set[int], run_dir: Path) ->
 def quiet_optuna() -> None:
     """Optuna logs each trial at INFO; Lepton reports trials itself."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def cpu_threads() -> int:
-    return os.cpu_count() or 1

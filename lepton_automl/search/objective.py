@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,6 +332,3 @@ class TrialRunner:
         n = min(CALIBRATION_EXAMPLES, len(self.splits.train))
         idx = rng.choice(len(self.splits.train), size=n, replace=False)
         return [self.splits.train.examples[i] for i in idx]
-
-
-ProgressFactory = Callable[[], Progress]

@@ -145,9 +145,12 @@ class ImageModality(Modality):
                 else f"refused {len(paths)} images over the decompression-bomb limit of "
                      f"{Image.MAX_IMAGE_PIXELS:,} pixels (first: {first})"))
         modes = ", ".join(f"{m}: {n}" for m, n in sorted(converted.items()))
+        notes = [note for modes_with, note in ((("RGBA", "LA", "PA", "P"), "transparency composited on white"),
+                                               (("I;16", "I;16B", "I;16L", "I"), "16-bit scaled to 8-bit"))
+                 if any(m in converted for m in modes_with)]
         findings.fixed("converted", sum(converted.values()),
-                       f"converted {sum(converted.values())} images to RGB when decoding ({modes}; "
-                       "transparency composited on white, 16-bit scaled to 8-bit)")
+                       f"converted {sum(converted.values())} images to RGB when decoding ({modes})"
+                       + (f"; {', '.join(notes)}" if notes else ""))
         findings.fixed("not-an-image", ignored, f"ignored {ignored} files that are not images "
                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         findings.fixed("symlink-loop", loops, f"did not follow {loops} symlink loops")
