@@ -51,6 +51,7 @@ def test_unstructured_pruning_is_a_size_option(image_runner, tmp_path) -> None:
     assert sparse.extra["weight_zero_fraction"] > 0.5
     assert sparse.params_m == pytest.approx(plain.params_m)  # same dense shapes
     assert sparse.size_mb < 0.8 * plain.size_mb  # the gzip-compressed file shrinks
+    assert sparse.accuracy >= plain.accuracy - 0.15  # the head is refit to the pruned features
 
 
 def test_text_structured_pruning_drops_layers(text_csv, tiny_bert_dir, tmp_path) -> None:

@@ -5,7 +5,8 @@
   unpruned efficientnet_lite0 about 0.05 at 50%).
 - Unstructured magnitude pruning zeroes individual weights. Dense kernels do not skip zeros, so it
   gives no speedup (measured: none); it only makes a compressed file smaller. It is reported as a
-  size option, never as a latency win.
+  size option, never as a latency win. Inside a search the classification head is refit to the
+  pruned features afterwards (see ``search.objective``).
 """
 
 from __future__ import annotations

@@ -206,7 +206,7 @@ class TrialRunner:
                        should_stop=lambda epoch, _: deadline.check(f"fine-tuning epoch {epoch}") or False)
         deadline.check("training")
         model = ExportModel(parts.trunk, parts.tail, head).eval()
-        zeros = self._prune(model, params, prep, seed=seed, deadline=deadline)
+        zeros = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline)
 
         trial_dir.mkdir(parents=True, exist_ok=True)
         example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
@@ -269,8 +269,8 @@ class TrialRunner:
                                             "holdout_accuracy": holdout, "cv_accuracy": cv},
         )
 
-    def _prune(self, model: ExportModel, params: Mapping[str, Any], prep: Mapping[str, Any], *, seed: int,
-               deadline: _Deadline) -> float:
+    def _prune(self, model: ExportModel, params: Mapping[str, Any], prep: Mapping[str, Any], cfg: TrainConfig,
+               *, seed: int, deadline: _Deadline) -> float:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights."""
         method = params.get("prune__method", "none")
         head = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1:]
@@ -282,6 +282,15 @@ class TrialRunner:
             self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline)
         elif method == "unstructured":
             prune_unstructured(model, amount=float(params["prune__amount"]), ignored=head)
+            zeros = zero_fraction(model)
+            # The head was fit to the unpruned features; refit it to the pruned network's. Measured on
+            # digits (efficientnet_lite0, 96 px, 50% of weights zeroed): 0.128 validation accuracy
+            # with the old head, 0.955 with a refit one, for about 5 s of extraction.
+            outs = run_trunk_fast(model.trunk, self.modality, self.splits.train.examples, preprocessing=prep)
+            model.head = train_probe(tail_features(model.tail, outs), self.splits.train.labels,
+                                     len(self.splits.classes), cfg)
+            deadline.check("refitting the head after pruning")
+            return zeros
         return zero_fraction(model)
 
     def _recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
