@@ -176,9 +176,13 @@ def search(
                      predictions_per_month=predictions_per_month)
     cache = FeatureCache(Path(cache_dir) if cache_dir else run_root / "feature-cache")
     run_dir = run_root / study_name
+    # Optuna's timeout only stops new trials; a trial still running past it (plus a minute's grace
+    # to finish what it measured) is stopped, so that --timeout bounds the search's wall time.
+    search_ends_at = None if timeout is None else time.perf_counter() + float(timeout) + 60.0
     runner = TrialRunner(modality=mod, registry=registry, splits=splits, space=space, cache=cache, cost=cost,
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
-                         threads=threads, trial_timeout=trial_timeout, class_weights=class_weights,
+                         threads=threads, trial_timeout=trial_timeout, search_ends_at=search_ends_at,
+                         class_weights=class_weights,
                          progress=progress)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, n_trials - done)

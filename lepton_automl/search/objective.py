@@ -58,11 +58,15 @@ class TrialTimeout(LeptonError):
 class _Deadline:
     start: float
     limit: float | None
+    search_ends_at: float | None = None  # time.perf_counter() value after which no trial may go on
 
     def check(self, stage: str) -> None:
-        if self.limit is not None and time.perf_counter() - self.start > self.limit:
+        now = time.perf_counter()
+        if self.limit is not None and now - self.start > self.limit:
             raise TrialTimeout(f"trial passed the per-trial limit of {self.limit:.0f} s during {stage} "
                                "(raise --trial-timeout, or narrow the space)")
+        if self.search_ends_at is not None and now > self.search_ends_at:
+            raise TrialTimeout(f"the search's --timeout ran out during {stage}; the trial was stopped")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class TrialRunner:
     pretrained: bool = True
     threads: int | None = None
     trial_timeout: float | None = None
+    search_ends_at: float | None = None
     class_weights: bool = False
     progress: Progress | None = None
 
@@ -163,7 +168,7 @@ class TrialRunner:
     # -- one configuration, end to end ------------------------------------------------------
     def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int) -> TrialResult:
         start = time.perf_counter()
-        deadline = _Deadline(start, self.trial_timeout)
+        deadline = _Deadline(start, self.trial_timeout, self.search_ends_at)
         card = self.registry.get(params["backbone"])
         blocks = int(params.get("train__blocks", 0)) if params.get("train__mode") == "finetune" else 0
         parts = self.modality.build(card, self.registry, params=params, finetune_blocks=blocks,
@@ -321,7 +326,7 @@ class TrialRunner:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            deadline.check(f"pruning recovery epoch {epoch + 1}")
+                deadline.check(f"pruning recovery epoch {epoch + 1}")
         for p in params:
             p.requires_grad_(False)
         recalibrate_batchnorm(model, (batch(range(s, min(s + 64, len(examples))))
