@@ -124,3 +124,14 @@ def test_class_weights_raise_minority_recall() -> None:
 
     assert minority_recall(TrainConfig(weight_decay=1e-3, class_weights=weights)) > \
         minority_recall(TrainConfig(weight_decay=1e-3)) + 0.3
+
+
+def test_the_search_timeout_stops_a_running_trial(image_runner, tmp_path) -> None:
+    import dataclasses
+    import time
+
+    from lepton_automl.search.objective import TrialTimeout
+
+    late = dataclasses.replace(image_runner, search_ends_at=time.perf_counter() - 1.0)
+    with pytest.raises(TrialTimeout, match="--timeout ran out"):
+        late.evaluate({**BASE, "prune__method": "none"}, trial_dir=tmp_path / "late", seed=0)

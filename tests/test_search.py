@@ -91,7 +91,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(image_folder, tmp_pat
 
 def test_infeasible_trials_never_enter_the_front(image_folder, tmp_path) -> None:
     outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=2, run_root=tmp_path,
-                     limits=Limits(max_latency_ms=1e-6))
+                     limits=Limits(max_latency_ms=1e-6), timeout=600)
     done = outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) == 2
     assert all(t.constraints["latency_ms"] > 0 for t in done)
@@ -181,3 +181,4 @@ def test_a_model_at_chance_never_enters_the_front(image_outcome) -> None:
     import numpy as np
 
     assert usefulness_floor(np.array([0, 0, 0, 1])) == pytest.approx(0.75 + 0.025)
+

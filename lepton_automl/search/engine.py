@@ -9,6 +9,7 @@ passes. Rerunning with the same storage and study name resumes: finished trials 
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
