@@ -133,6 +133,7 @@ def search(
     warm_start_from: Optional[str] = typer.Option(None, help="Enqueue the Pareto front of this other study first."),
     trial_timeout: Optional[float] = typer.Option(None, help="Fail a trial that runs longer than this (seconds)."),
     class_weights: bool = typer.Option(False, help="Weight the loss by inverse class frequency (imbalanced data)."),
+    early_stopping: bool = typer.Option(True, help="Stop trials that even with more training cannot reach the front."),
     untrained: bool = typer.Option(False, help="Allow backbones without offline weights (random init)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Hard limit on batch-1 latency."),
     max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the gzip-compressed model file (MB)."),
@@ -152,6 +153,7 @@ def search(
     """Search backbones, training, and quantization; print the Pareto front and export the pick."""
     _setup_logging(verbose)
     try:
+        from lepton_automl.search.early_stopping import EarlyStopping
         from lepton_automl.search.engine import quiet_optuna
         from lepton_automl.search.engine import search as run_search
         from lepton_automl.search.front import pick as pick_row
@@ -170,10 +172,13 @@ def search(
                 warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month,
                 hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout, class_weights=class_weights,
-                warm_start_from=warm_start_from, progress=progress.features, callbacks=[progress.trial_done],
+                warm_start_from=warm_start_from, early_stopping=EarlyStopping() if early_stopping else None,
+                progress=progress.features, callbacks=[progress.trial_done],
             )
         for number, reason in outcome.failed:
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)
+        for number, reason in outcome.stopped:
+            err.print(f"[cyan]trial {number} stopped early:[/] {reason}", highlight=False)
         if not outcome.front:
             _fail(LeptonError("No feasible trial finished. Run more trials (--n-trials) or relax the --max-* limits."))
         row, why = pick_row(outcome.front, rule=pick)

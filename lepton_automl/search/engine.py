@@ -26,6 +26,7 @@ from lepton_automl.exceptions import ConfigError, DataError, did_you_mean
 from lepton_automl.interfaces import Modality
 from lepton_automl.log import get_logger
 from lepton_automl.plugins import MODALITIES, PluginRegistry
+from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner
 from lepton_automl.search.space import SearchSpace, warm_start_configs
@@ -48,6 +49,7 @@ class SearchOutcome:
     run_dir: Path
     storage: str
     failed: list[tuple[int, str]] = field(default_factory=list)
+    stopped: list[tuple[int, str]] = field(default_factory=list)
 
 
 def resolve_modality(source: Any, name: str | None, modalities: PluginRegistry | None = None) -> Modality:
@@ -112,6 +114,7 @@ def search(
     trial_timeout: float | None = None,
     class_weights: bool = False,
     warm_start_from: str | None = None,
+    early_stopping: EarlyStopping | None = EarlyStopping(),
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> SearchOutcome:
@@ -183,7 +186,7 @@ def search(
     runner = TrialRunner(modality=mod, registry=registry, splits=splits, space=space, cache=cache, cost=cost,
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
                          threads=threads, trial_timeout=trial_timeout, search_ends_at=search_ends_at,
-                         class_weights=class_weights,
+                         class_weights=class_weights, early_stopping=early_stopping,
                          progress=progress)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, n_trials - done)
@@ -199,9 +202,11 @@ def search(
         _remove_dominated_artifacts(study, keep={r.number for r in front}, run_dir=run_dir)
     failed = [(t.number, t.user_attrs.get("fail_reason", "unknown"))
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+    stopped = [(t.number, t.user_attrs.get("early_stop_reason", "pruned"))
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))]
     storage_str = storage if isinstance(storage, str) else type(storage).__name__
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
-                         storage=storage_str, failed=failed)
+                         storage=storage_str, failed=failed, stopped=stopped)
 
 
 def _configs_from_study(name: str, storage: Any, backbones: Sequence[str]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from lepton_automl.export.onnx import export_onnx
 from lepton_automl.interfaces import Modality, TrialResult
 from lepton_automl.exceptions import LeptonError
 from lepton_automl.log import get_logger
+from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.training.cache import FeatureCache, cache_key
 from lepton_automl.training.features import Progress, run_trunk_fast
@@ -146,16 +147,32 @@ class TrialRunner:
     trial_timeout: float | None = None
     search_ends_at: float | None = None
     class_weights: bool = False
+    early_stopping: EarlyStopping | None = None
     progress: Progress | None = None
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
+        import optuna
+
         params = suggest(trial, self.space, self.modality, self.registry)
+        stop = None if self.early_stopping is None else StopCheck(
+            rule=self.early_stopping, points=lambda: points_from_study(trial.study),
+            backbone=str(params["backbone"]), quant=str(params.get("quant__mode", "none")))
         try:
             result = self.evaluate(params, trial_dir=self.run_dir / f"trial-{trial.number:04d}",
-                                   seed=self.seed + trial.number)
+                                   seed=self.seed + trial.number, stop=stop)
+        except TrialStopped as exc:
+            trial.set_user_attr("early_stop_reason", str(exc))
+            trial.set_user_attr("curve", stop.curve if stop else [])
+            logger.info("trial %d stopped early: %s", trial.number, exc)
+            raise optuna.TrialPruned(str(exc)) from None
         except Exception as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
+        if stop is not None:
+            trial.set_user_attr("curve", stop.curve)
+            if stop.would_stop is not None:
+                trial.set_user_attr("early_stop_would_stop_s", stop.would_stop[0])
+                trial.set_user_attr("early_stop_reason", stop.would_stop[1])
         for key, value in self.limits.constraints(result).items():
             trial.set_constraint(key, value)
         trial.set_constraint("above_chance", usefulness_floor(self.splits.train.labels) - result.accuracy)
@@ -166,7 +183,8 @@ class TrialRunner:
         return result.values
 
     # -- one configuration, end to end ------------------------------------------------------
-    def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int) -> TrialResult:
+    def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int,
+                 stop: StopCheck | None = None) -> TrialResult:
         start = time.perf_counter()
         deadline = _Deadline(start, self.trial_timeout, self.search_ends_at)
         card = self.registry.get(params["backbone"])
@@ -207,11 +225,13 @@ class TrialRunner:
             head = train_probe(feats, labels, num_classes, cfg)
             ft = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=int(params["train__epochs"]),
                              seed=seed, class_weights=weights)
+            judge = self._fine_tune_judge(stop, params, parts, head, cached.arrays["validation"], prep, seed)
+            judge(0, head)
             train_tail(parts.tail, head, train_inputs, labels, ft,
-                       should_stop=lambda epoch, _: deadline.check(f"fine-tuning epoch {epoch}") or False)
+                       should_stop=lambda epoch, h: deadline.check(f"fine-tuning epoch {epoch}") or judge(epoch, h))
         deadline.check("training")
         model = ExportModel(parts.trunk, parts.tail, head).eval()
-        zeros = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline)
+        zeros = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline, stop=stop)
 
         trial_dir.mkdir(parents=True, exist_ok=True)
         example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
@@ -274,8 +294,31 @@ class TrialRunner:
                                             "holdout_accuracy": holdout, "cv_accuracy": cv},
         )
 
+    def _fine_tune_judge(self, stop: StopCheck | None, params: Mapping[str, Any], parts: Any,
+                         head: torch.nn.Module, validation: tuple[np.ndarray, ...],
+                         prep: Mapping[str, Any], seed: int) -> Callable[[int, torch.nn.Module], bool]:
+        """Early stopping during fine-tuning: validation accuracy of tail + head on cached trunk
+        outputs after each epoch (epoch 0: the probe the head starts from)."""
+        if stop is None:
+            return lambda epoch, h: False
+        epochs = int(params["train__epochs"])
+        later = int(params.get("prune__recovery_epochs", 0)) if params.get("prune__method") == "structured" else 0
+        ratio = (1.0 - float(params["prune__amount"])) ** 2 if later else 1.0
+        example = self._latency_example(prep, seed)  # the input the trial's latency is measured on
+        gmacs = count_macs(ExportModel(parts.trunk, parts.tail, head), example, self.modality.input_names()) / 1e9
+
+        def judge(epoch: int, h: torch.nn.Module) -> bool:
+            was_training = h.training
+            accuracy = _torch_accuracy(h.eval(), tail_features(parts.tail, validation), self.splits.validation.labels)
+            h.train(was_training)
+            stop(stage="fine-tuning", epoch=epoch, epochs_left=epochs - epoch + later, accuracy=accuracy,
+                 gmacs=gmacs, macs_ratio=ratio)
+            return False
+
+        return judge
+
     def _prune(self, model: ExportModel, params: Mapping[str, Any], prep: Mapping[str, Any], cfg: TrainConfig,
-               *, seed: int, deadline: _Deadline) -> float:
+               *, seed: int, deadline: _Deadline, stop: StopCheck | None = None) -> float:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights."""
         method = params.get("prune__method", "none")
         head = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1:]
@@ -284,7 +327,8 @@ class TrialRunner:
             example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
             prune_structured(model, example, amount=float(params["prune__amount"]), ignored=head)
             deadline.check("pruning")
-            self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline)
+            self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline,
+                          stop=stop)
         elif method == "unstructured":
             prune_unstructured(model, amount=float(params["prune__amount"]), ignored=head)
             zeros = zero_fraction(model)
@@ -299,7 +343,8 @@ class TrialRunner:
         return zero_fraction(model)
 
     def _recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
-                 deadline: _Deadline, lr: float = 1e-3, batch_size: int = 32) -> None:
+                 deadline: _Deadline, stop: StopCheck | None = None, lr: float = 1e-3,
+                 batch_size: int = 32) -> None:
         """Fine-tune the whole pruned network briefly: without it the features collapse (logit
         cosine to the unpruned efficientnet_lite0 about 0.05 at 50% of channels). Normalisation
         layers train too and are re-estimated at the end; with them frozen the pruned digits model
@@ -316,6 +361,9 @@ class TrialRunner:
             feeds = self.modality.encode([examples[i] for i in idx], preprocessing=prep)
             return [torch.from_numpy(feeds[n]) for n in names]
 
+        gmacs = None
+        if stop is not None:
+            gmacs = count_macs(model, self._latency_example(prep, seed), names) / 1e9
         model.train()
         for epoch in range(epochs):
             order = torch.randperm(len(examples), generator=gen).numpy()
@@ -327,10 +375,25 @@ class TrialRunner:
                 loss.backward()
                 opt.step()
                 deadline.check(f"pruning recovery epoch {epoch + 1}")
+            if stop is not None and gmacs is not None and epoch + 1 < epochs:
+                stop(stage="pruning recovery", epoch=epoch + 1, epochs_left=epochs - epoch - 1,
+                     accuracy=self._model_accuracy(model, prep), gmacs=gmacs)
+                model.train()
         for p in params:
             p.requires_grad_(False)
         recalibrate_batchnorm(model, (batch(range(s, min(s + 64, len(examples))))
                                       for s in range(0, len(examples), 64)))
+
+    @torch.no_grad()
+    def _model_accuracy(self, model: ExportModel, prep: Mapping[str, Any]) -> float:
+        """Validation accuracy of the torch model (eval mode; running normalisation statistics)."""
+        model.eval()
+        data, names, correct = self.splits.validation, self.modality.input_names(), 0
+        for s in range(0, len(data), 64):
+            feeds = self.modality.encode(data.examples[s : s + 64], preprocessing=prep)
+            logits = model(*[torch.from_numpy(feeds[n]) for n in names])
+            correct += int((logits.argmax(1).numpy() == data.labels[s : s + 64]).sum())
+        return correct / max(1, len(data))
 
     def _latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         """A batch-1 input as long as the 98th-percentile example: of 64 random training examples,

@@ -1,0 +1,121 @@
+"""Early stopping for a multi-objective study.
+
+Optuna's pruners assume one objective: ``Trial.report`` refuses multi-objective studies (optuna
+issue 3450). Lepton stops a trial by dominance instead. While a trial trains (fine-tuning epochs,
+pruning-recovery epochs) it measures its validation accuracy after each epoch; once its
+architecture is fixed its latency is predictable from its MACs. The trial is stopped when a
+completed, feasible trial of the study is at least as fast as the trial's *optimistic* latency and
+at least as accurate as its *optimistic* accuracy: no amount of further training could put it on
+the front. Both estimates lean towards keeping a trial:
+
+- optimistic accuracy = measured accuracy + ``noise`` + ``headroom_per_epoch`` x epochs still to run
+  (including any pruning-recovery epochs that follow fine-tuning), capped at 1;
+- optimistic latency = the trial's MACs x the lowest milliseconds-per-GMAC measured on a completed
+  trial with the same quantization (the same backbone when one exists), times the MACs ratio that
+  any structured pruning still to come would reach at best, (1 - amount)^2.
+
+The cost objective is not consulted: at a fixed prediction volume it grows with latency, and a
+stopped trial's training cost is what it already spent. A stopped trial is recorded as PRUNED with
+the reason in its ``early_stop_reason`` user attribute; the accuracy curve of every trial is kept in
+``curve`` so the rule can be audited. With ``dry_run=True`` nothing is stopped: the trial records when
+and why it would have been (``early_stop_would_stop_s``), which measures the saving on a paired run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lepton_automl.exceptions import ConfigError
+from lepton_automl.log import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """The stopping rule's settings (see the module docstring)."""
+
+    headroom_per_epoch: float = 0.02
+    noise: float = 0.01
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.headroom_per_epoch < 0 or self.noise < 0:
+            raise ConfigError("EarlyStopping headroom_per_epoch and noise must be >= 0.")
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """A completed, feasible trial as early stopping sees it."""
+
+    number: int
+    accuracy: float
+    latency_ms: float
+    gmacs: float | None
+    backbone: str
+    quant: str
+
+
+def points_from_study(study: Any) -> list[FrontPoint]:
+    """Completed trials whose constraints all hold (infeasible trials cannot dominate anyone)."""
+    import optuna
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if any(c > 0 for c in t.constraints.values()) or t.values is None:
+            continue
+        out.append(FrontPoint(number=t.number, accuracy=float(t.values[0]), latency_ms=float(t.values[1]),
+                              gmacs=t.user_attrs.get("gmacs"), backbone=str(t.params.get("backbone")),
+                              quant=str(t.params.get("quant__mode", "none"))))
+    return out
+
+
+class TrialStopped(Exception):
+    """Raised inside a trial that early stopping ends; carries the reason."""
+
+
+@dataclass
+class StopCheck:
+    """The early-stopping judge of one trial. Call it after each epoch with the measured accuracy."""
+
+    rule: EarlyStopping
+    points: Callable[[], Sequence[FrontPoint]]
+    backbone: str
+    quant: str
+    started: float = field(default_factory=time.perf_counter)
+    curve: list[tuple[str, int, float]] = field(default_factory=list)
+    would_stop: tuple[float, str] | None = None
+
+    def latency_estimate(self, gmacs: float, points: Sequence[FrontPoint], macs_ratio: float = 1.0) -> float | None:
+        same_quant = [p for p in points if p.quant == self.quant and p.gmacs]
+        same_backbone = [p for p in same_quant if p.backbone == self.backbone]
+        pool = same_backbone or same_quant
+        if not pool:
+            return None
+        return gmacs * macs_ratio * min(p.latency_ms / p.gmacs for p in pool)  # type: ignore[operator]
+
+    def __call__(self, *, stage: str, epoch: int, epochs_left: int, accuracy: float, gmacs: float,
+                 macs_ratio: float = 1.0) -> None:
+        self.curve.append((stage, epoch, round(float(accuracy), 5)))
+        if epochs_left <= 0 or self.would_stop is not None:
+            return
+        points = list(self.points())
+        latency = self.latency_estimate(gmacs, points, macs_ratio)
+        if latency is None:
+            return
+        optimistic = min(1.0, accuracy + self.rule.noise + self.rule.headroom_per_epoch * epochs_left)
+        better = [p for p in points if p.latency_ms <= latency and p.accuracy >= optimistic]
+        if not better:
+            return
+        best = max(better, key=lambda p: p.accuracy)
+        reason = (f"{stage} epoch {epoch}: validation accuracy {accuracy:.4f} (at best {optimistic:.4f} after "
+                  f"{epochs_left} more epochs) at about {latency:.3g} ms cannot reach the front: trial "
+                  f"{best.number} has {best.accuracy:.4f} at {best.latency_ms:.3g} ms")
+        self.would_stop = (time.perf_counter() - self.started, reason)
+        if self.rule.dry_run:
+            logger.info("early stopping (dry run) would stop here: %s", reason)
+            return
+        raise TrialStopped(reason)
