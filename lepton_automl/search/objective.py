@@ -206,7 +206,7 @@ class TrialRunner:
             arrays = {
                 split: run_trunk_fast(parts.trunk, self.modality, getattr(self.splits, split).examples,
                                  preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}")
-                for split in ("train", "validation")
+                for split in ("train", "validation", "test")
             }
             cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,
                                     label=f"{card.name} {prep} blocks={blocks}")
@@ -244,10 +244,20 @@ class TrialRunner:
             runtime = quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=str(params["quant__mode"]),
                                     calibration=calib)
         deadline.check("export and quantization")
-        holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
+        prune = params.get("prune__method", "none")
+        if params.get("quant__mode", "none") == "none" and (prune == "none" or layer_pruning):
+            # The artifact is the trained fp32 model: score it on the cached trunk outputs (no second
+            # pass over the data), after checking on real inputs that the file computes the same.
+            holdout, test_accuracy = (
+                _torch_accuracy(model.head, self._head_inputs(model, cached.arrays[split], blocks),
+                                getattr(self.splits, split).labels)
+                for split in ("validation", "test"))
+            self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
+        else:
+            holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
+            test_accuracy = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
         accuracy = holdout
         cv = None
-        prune = params.get("prune__method", "none")
         if blocks == 0 and (prune == "none" or (prune == "structured" and self.modality.structured_pruning == "layers")):
             # A probe on cached features: judge it by 5-fold cross-validation over train+validation,
             # then subtract what compression cost on the held-out split (measured, artifact vs fp32).
@@ -257,7 +267,6 @@ class TrialRunner:
             fp32_holdout = _torch_accuracy(head, np.asarray(cached.arrays["validation"][0]),
                                            self.splits.validation.labels)
             accuracy = cv + (holdout - fp32_holdout)
-        test_accuracy = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
         latency_input = self._latency_example(prep, seed)
         latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
@@ -293,6 +302,30 @@ class TrialRunner:
                                             "size_raw_mb": size_mb, "weight_zero_fraction": zeros,
                                             "holdout_accuracy": holdout, "cv_accuracy": cv},
         )
+
+    @staticmethod
+    def _head_inputs(model: ExportModel, trunk_outputs: tuple[np.ndarray, ...], blocks: int) -> np.ndarray:
+        return np.asarray(trunk_outputs[0]) if blocks == 0 else tail_features(model.tail, trunk_outputs)
+
+    def _verify_artifact(self, runtime: Path, model: ExportModel, trunk_outputs: tuple[np.ndarray, ...],
+                         blocks: int, prep: Mapping[str, Any], n: int = 64) -> None:
+        """The exported file must predict what the scored model predicts, on real inputs."""
+        import onnxruntime as ort
+
+        from lepton_automl.exceptions import ExportError
+        from lepton_automl.training.features import quiet_session_options
+
+        data = self.splits.validation
+        n = min(n, len(data))
+        session = ort.InferenceSession(str(runtime), quiet_session_options(), providers=["CPUExecutionProvider"])
+        file_pred = session.run(["logits"], self.modality.encode(data.examples[:n], preprocessing=prep))[0].argmax(1)
+        with torch.no_grad():
+            feats = self._head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)
+            scored_pred = model.head(torch.from_numpy(np.array(feats, dtype=np.float32))).argmax(1).numpy()
+        agree = float((file_pred == scored_pred).mean())
+        if agree < 0.95:
+            raise ExportError(f"the exported model agrees with the trained model on only {agree:.0%} of "
+                              f"{n} validation examples; report this with the trial's parameters")
 
     def _fine_tune_judge(self, stop: StopCheck | None, params: Mapping[str, Any], parts: Any,
                          head: torch.nn.Module, validation: tuple[np.ndarray, ...],

@@ -24,7 +24,7 @@ from lepton_automl.log import get_logger
 
 logger = get_logger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the test split is cached too
 
 
 @dataclass(frozen=True)
