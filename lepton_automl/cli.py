@@ -143,6 +143,7 @@ def search(
     train_hardware: str = typer.Option("local-cpu", help="Price profile of the training machine."),
     serve_hardware: str = typer.Option("local-cpu", help="Price profile of the serving machine."),
     predictions_per_month: float = typer.Option(1_000_000.0, help="Expected predictions, for the cost objective."),
+    serving_batch: int = typer.Option(32, help="Batch size served in production: its throughput prices inference."),
     hardware_file: Optional[Path] = typer.Option(None, help="TOML file of extra hardware profiles."),
     registry_file: Optional[Path] = typer.Option(None, help="TOML/YAML file of extra backbone cards."),
     pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy, latency or knee."),
@@ -170,7 +171,7 @@ def search(
                 registry=_registry(registry_file), backbones=backbone, storage=storage, study_name=study_name,
                 n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, run_root=run_dir,
                 warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
-                serve_profile=serve_hardware, predictions_per_month=predictions_per_month,
+                serve_profile=serve_hardware, predictions_per_month=predictions_per_month, serving_batch=serving_batch,
                 hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout, class_weights=class_weights,
                 warm_start_from=warm_start_from, early_stopping=EarlyStopping() if early_stopping else None,
                 progress=progress.features, callbacks=[progress.trial_done],
@@ -254,6 +255,46 @@ def predict(
         predictor = Predictor.load(model_dir)
         for item, label in zip(inputs, predictor.predict(inputs)):
             typer.echo(f"{item}\t{label}")
+    except LeptonError as exc:
+        _fail(exc)
+
+
+@app.command()
+def compress(
+    model_dir: Path = typer.Argument(..., help="An export folder (from `lepton search` or `lepton export`)."),
+    data: str = typer.Option(..., help="The labelled data: recovery fine-tune, calibration, and validation."),
+    out: Optional[Path] = typer.Option(None, help="Folder to write (default: MODEL_DIR-compressed)."),
+    prune: float = typer.Option(0.0, help="Fraction of channels (CNN) or heads and MLP width (transformer) to remove."),
+    quant: str = typer.Option("none", help="none, int8 (static for convolutions, dynamic MatMul otherwise), "
+                              "int8-static, int8-dynamic, torch-int8, torch-fp16 or torch-bf16 (GPU)."),
+    recovery_epochs: int = typer.Option(2, help="Fine-tuning epochs after pruning."),
+    recovery_lr: float = typer.Option(1e-4, help="Learning rate of the recovery fine-tune."),
+    seed: int = typer.Option(0, help="Split seed: use the search's so that validation is the same split."),
+    serving_batch: int = typer.Option(32, help="Batch size for the throughput measurement."),
+    text_column: Optional[str] = typer.Option(None, help="Text column of a table."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a table."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Prune and/or quantize an exported model; measure it before and after on the same data."""
+    _setup_logging(verbose)
+    try:
+        from lepton_automl.compression.compress import compress_export
+
+        target = out or model_dir.with_name(model_dir.name + "-compressed")
+        result = compress_export(model_dir, data=data, out=target, prune=prune, quant=quant,
+                                 recovery_epochs=recovery_epochs, recovery_lr=recovery_lr, seed=seed,
+                                 serving_batch=serving_batch,
+                                 data_options={"text_column": text_column, "label_column": label_column})
+        table = Table(title=f"{model_dir} -> {target} ({result.seconds:.0f} s)")
+        for column in ("", "runtime", "val acc", "latency ms (b1)", "p90 ms", f"b{serving_batch} ms", "file MB",
+                       "params M"):
+            table.add_column(column, justify="right")
+        for name, m in (("before", result.before), ("after", result.after)):
+            table.add_row(name, m.runtime, f"{m.accuracy:.4f}", f"{m.latency_ms:.3f}", f"{m.latency_p90_ms:.3f}",
+                          f"{m.latency_serving_batch_ms:.2f}", f"{m.size_mb:.2f}", f"{m.params_m:.2f}")
+        console.print(table)
+        console.print(result.summary(), highlight=False)
+        console.print(f"Try it: lepton predict {target} ...", highlight=False)
     except LeptonError as exc:
         _fail(exc)
 

@@ -182,3 +182,16 @@ def test_a_model_at_chance_never_enters_the_front(image_outcome) -> None:
 
     assert usefulness_floor(np.array([0, 0, 0, 1])) == pytest.approx(0.75 + 0.025)
 
+
+
+def test_hypervolume_of_a_known_front() -> None:
+    import pytest
+
+    from lepton_automl.search.front import hypervolume
+
+    assert hypervolume([], ref_latency_ms=100.0) == 0.0
+    assert hypervolume([(0.9, 1.0)], ref_latency_ms=100.0) == pytest.approx(0.9 * 2)
+    # (0.5 at 1 ms, 2 decades) and (0.9 at 10 ms, 1 decade): 0.5*2 + 0.4*1 = 1.4; a dominated point adds nothing
+    front = [(0.5, 1.0), (0.9, 10.0)]
+    assert hypervolume(front, ref_latency_ms=100.0) == pytest.approx(1.4)
+    assert hypervolume(front + [(0.4, 5.0), (0.95, 200.0)], ref_latency_ms=100.0) == pytest.approx(1.4)

@@ -1,9 +1,10 @@
-"""Latency measured on the exact exported artifact, in its runtime (ONNX Runtime here).
+"""Latency measured on the exact exported artifact, in its runtime (ONNX Runtime, or torch).
 
 Timing protocol: warm-up runs first (allocator and kernel selection), then timed runs in rounds
 until the median of the last two rounds agrees within ``rtol`` or ``max_seconds`` runs out. These
 machines are noisy (medians moved up to 60% between runs here), so the spread (p90) and the
-number of runs are reported with the median, and the thread count is recorded.
+number of runs are reported with the median, and the thread count is recorded. On CUDA each
+call is timed with CUDA events (the GPU's own clock), synchronising after each call.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +38,51 @@ def device_name() -> str:
     return f"{cpu} x{os.cpu_count()} ({platform.system()})"
 
 
+@dataclass(frozen=True)
+class TimingPlan:
+    """How long to time: ``warmup`` calls, then rounds of ``round_runs`` until the medians of the last
+    two rounds agree within ``rtol``, at most ``max_rounds`` rounds or ``max_seconds``."""
+
+    warmup: int = 5
+    round_runs: int = 20
+    max_rounds: int = 5
+    max_seconds: float = 3.0
+    rtol: float = 0.05
+
+
+def time_calls(call: Callable[[], float | None], plan: TimingPlan = TimingPlan()) -> np.ndarray:
+    """Milliseconds per call. ``call`` returns its own time in ms (CUDA events) or None (wall clock)."""
+    for _ in range(plan.warmup):
+        call()
+    times: list[float] = []
+    medians: list[float] = []
+    deadline = time.perf_counter() + plan.max_seconds
+    for _ in range(plan.max_rounds):
+        for _ in range(plan.round_runs):
+            start = time.perf_counter()
+            own = call()
+            times.append(float(own) if isinstance(own, float) else (time.perf_counter() - start) * 1000.0)
+            if time.perf_counter() > deadline and len(times) >= 5:
+                break
+        medians.append(float(np.median(times)))
+        if len(medians) >= 2 and abs(medians[-1] - medians[-2]) <= plan.rtol * medians[-1]:
+            break
+        if time.perf_counter() > deadline:
+            break
+    return np.asarray(times)
+
+
+def _report(ms: np.ndarray, *, threads: int, batch: int, device: str) -> LatencyReport:
+    return LatencyReport(median_ms=float(np.median(ms)), p90_ms=float(np.percentile(ms, 90)), runs=len(ms),
+                         threads=threads, batch_size=batch, device=device)
+
+
 def measure_onnx_latency(
     path: str | Path,
     feeds: Mapping[str, np.ndarray],
     *,
     threads: int | None = None,
-    warmup: int = 5,
-    round_runs: int = 20,
-    max_rounds: int = 5,
-    max_seconds: float = 3.0,
-    rtol: float = 0.05,
+    plan: TimingPlan = TimingPlan(),
 ) -> LatencyReport:
     """Median and p90 latency of one ``session.run`` on ``feeds`` (which fix the batch size)."""
     import onnxruntime as ort
@@ -56,30 +92,59 @@ def measure_onnx_latency(
     options.intra_op_num_threads = n_threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-    for _ in range(warmup):
+
+    def call() -> None:
         session.run(None, feeds)
-    times: list[float] = []
-    medians: list[float] = []
-    deadline = time.perf_counter() + max_seconds
-    for _ in range(max_rounds):
-        for _ in range(round_runs):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-            if time.perf_counter() > deadline and len(times) >= 5:
-                break
-        medians.append(float(np.median(times)))
-        if len(medians) >= 2 and abs(medians[-1] - medians[-2]) <= rtol * medians[-1]:
-            break
-        if time.perf_counter() > deadline:
-            break
-    arr = np.asarray(times) * 1000.0
-    batch = int(next(iter(feeds.values())).shape[0])
-    return LatencyReport(
-        median_ms=float(np.median(arr)),
-        p90_ms=float(np.percentile(arr, 90)),
-        runs=len(arr),
-        threads=n_threads,
-        batch_size=batch,
-        device=device_name(),
-    )
+
+    ms = time_calls(call, plan)
+    return _report(ms, threads=n_threads, batch=int(next(iter(feeds.values())).shape[0]), device=device_name())
+
+
+def measure_torch_latency(
+    model: object,
+    feeds: Mapping[str, np.ndarray],
+    input_names: Sequence[str],
+    *,
+    device: str = "cpu",
+    dtype: object = None,
+    threads: int | None = None,
+    plan: TimingPlan = TimingPlan(),
+) -> LatencyReport:
+    """Latency of ``model(*inputs)`` in torch (``inference_mode``); CUDA events on a GPU.
+
+    ``dtype`` (e.g. ``torch.float16``) casts floating inputs, for a model already cast to it.
+    """
+    import torch
+
+    args = []
+    for name in input_names:
+        t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(device)
+        args.append(t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+    n_threads = int(threads or torch.get_num_threads())
+    cuda = str(device).startswith("cuda")
+
+    def call() -> float | None:
+        if not cuda:
+            model(*args)  # type: ignore[operator]
+            return None
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        model(*args)  # type: ignore[operator]
+        end.record()
+        torch.cuda.synchronize()
+        return float(begin.elapsed_time(end))
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        with torch.inference_mode():
+            ms = time_calls(call, plan)
+    finally:
+        torch.set_num_threads(previous)
+    name = torch.cuda.get_device_name(torch.device(device)) if cuda else device_name()
+    return _report(ms, threads=n_threads, batch=int(args[0].shape[0]), device=name)
+
+
+def batch_of(feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """``feeds`` (one example) repeated to ``batch_size`` rows: the serving batch for throughput."""
+    return {k: np.ascontiguousarray(np.repeat(v[:1], batch_size, axis=0)) for k, v in feeds.items()}

@@ -41,8 +41,12 @@ def save_artifact(
     finetune_blocks: int,
     metrics: Mapping[str, Any],
     name: str = "Lepton model",
+    runtime: str = "onnxruntime",
 ) -> Path:
-    """Write an export folder. ``model`` is the torch ``ExportModel`` (saved as safetensors)."""
+    """Write an export folder. ``model`` is the torch ``ExportModel`` (saved as safetensors).
+
+    ``runtime`` is ``onnxruntime`` (serve ``runtime_onnx``) or a torch runtime (``torch-int8``,
+    ``torch-fp16``, ``torch-bf16``) that ``Predictor`` re-applies to the safetensors weights."""
     from safetensors.torch import save_file
 
     from lepton_automl import __version__
@@ -70,6 +74,7 @@ def save_artifact(
         "preprocessing": dict(preprocessing),
         "finetune_blocks": int(finetune_blocks),
         "runtime_file": runtime_file,
+        "runtime": runtime,
         "input_names": list(modality.input_names()),
         "metrics": dict(metrics),
     }
@@ -105,12 +110,53 @@ def load_metadata(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def card_from_dict(data: Mapping[str, Any]) -> BackboneCard:
+    values = dict(data)
+    for key in ("tasks", "input_size", "mean", "std"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    return BackboneCard(**values)
+
+
+def rebuild_model(directory: str | Path, *, registry: Any = None, modalities: Any = None) -> Any:
+    """The export's torch model (``ExportModel``) rebuilt from ``model.safetensors``: architecture from
+    the modality and backbone card, resized to the saved (possibly pruned) shapes, loaded strictly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lepton_automl.backbones import BackboneRegistry
+    from lepton_automl.compression.pruning import fit_to_state_dict
+    from lepton_automl.plugins import MODALITIES, PluginRegistry
+    from lepton_automl.training.trainer import ExportModel, Standardize
+
+    directory = Path(directory)
+    meta = load_metadata(directory)
+    if "build_fn" in meta["params"]:
+        raise ExportError(f"{str(directory)!r} was saved by the Lepton facade; reload it with "
+                          "`Lepton.load(path)` and call `.compress(prune=..., quant=...)` on it.")
+    modality = (modalities or PluginRegistry(MODALITIES)).load(meta["modality"])()
+    card = card_from_dict(meta["backbone"])
+    parts = modality.build(card, registry or BackboneRegistry(), params=meta["params"],
+                           finetune_blocks=int(meta["finetune_blocks"]), pretrained=False)
+    state = load_file(str(directory / "model.safetensors"))
+    weight = state["head.1.weight"]
+    first: torch.nn.Module = torch.nn.Identity()
+    if "head.0.mean" in state:
+        first = Standardize(torch.zeros(weight.shape[1]), torch.ones(weight.shape[1]))
+    head = torch.nn.Sequential(first, torch.nn.Linear(weight.shape[1], weight.shape[0]))
+    model = ExportModel(parts.trunk, parts.tail, head)
+    fit_to_state_dict(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 class Predictor:
-    """Run an export folder with ONNX Runtime: raw inputs in, class names out."""
+    """Run an export folder: raw inputs in, class names out. The runtime is ONNX Runtime on the
+    export's ONNX file, or torch for the torch runtimes (``torch-int8`` dynamic quantization on CPU,
+    ``torch-fp16``/``torch-bf16`` on GPU), rebuilt from the safetensors weights."""
 
-    def __init__(self, directory: str | Path, *, threads: int | None = None, modalities: Any = None) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, directory: str | Path, *, threads: int | None = None, modalities: Any = None,
+                 device: str | None = None) -> None:
         from lepton_automl.plugins import MODALITIES, PluginRegistry
 
         self.directory = Path(directory)
@@ -119,12 +165,22 @@ class Predictor:
         self.modality = registry.load(self.meta["modality"])()
         self.preprocessing = self.modality.prepare(self.meta["preprocessing"], self.directory)
         self.classes = list(self.meta["classes"])
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(self.directory / self.meta["runtime_file"]), options, providers=["CPUExecutionProvider"]
-        )
+        self.runtime = self.meta.get("runtime", "onnxruntime")
+        self.session = self.torch_model = None
+        if self.runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(
+                str(self.directory / self.meta["runtime_file"]), options, providers=["CPUExecutionProvider"]
+            )
+        else:
+            from lepton_automl.compression.quantization import to_torch_runtime
+
+            self.torch_model = to_torch_runtime(rebuild_model(self.directory, modalities=registry), self.runtime,
+                                                device=device)
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs: Any) -> Predictor:
@@ -134,7 +190,10 @@ class Predictor:
         outs = []
         for start in range(0, len(examples), batch_size):
             feeds = self.modality.encode(examples[start : start + batch_size], preprocessing=self.preprocessing)
-            outs.append(self.session.run(["logits"], feeds)[0])
+            if self.session is not None:
+                outs.append(self.session.run(["logits"], feeds)[0])
+            else:
+                outs.append(self.torch_model.logits(feeds, self.meta["input_names"]))  # type: ignore[union-attr]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, items: Sequence[Any]) -> list[str]:

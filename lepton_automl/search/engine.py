@@ -115,6 +115,7 @@ def search(
     class_weights: bool = False,
     warm_start_from: str | None = None,
     early_stopping: EarlyStopping | None = EarlyStopping(),
+    serving_batch: int = 32,
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> SearchOutcome:
@@ -186,7 +187,7 @@ def search(
     runner = TrialRunner(modality=mod, registry=registry, splits=splits, space=space, cache=cache, cost=cost,
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
                          threads=threads, trial_timeout=trial_timeout, search_ends_at=search_ends_at,
-                         class_weights=class_weights, early_stopping=early_stopping,
+                         class_weights=class_weights, early_stopping=early_stopping, serving_batch=serving_batch,
                          progress=progress)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, n_trials - done)

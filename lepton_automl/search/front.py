@@ -96,3 +96,24 @@ def _knee(rows: list[FrontRow]) -> tuple[FrontRow, str]:
     row = rows[best]
     return row, (f"knee of the front: {row.accuracy:.4f} at {row.latency_ms:.3f} ms, where more accuracy "
                  "starts to cost disproportionately more latency")
+
+
+def hypervolume(points: list[tuple[float, float]], *, ref_latency_ms: float, ref_accuracy: float = 0.0) -> float:
+    """Area dominated by (accuracy, latency_ms) points, in accuracy x decades of latency.
+
+    The reference point is (``ref_accuracy``, ``ref_latency_ms``); latency is measured in log10
+    decades below the reference, since a 2x speed-up matters as much at 1 ms as at 10 ms. A point
+    that is not better than the reference on both axes adds nothing.
+    """
+    import math
+
+    pts = sorted((math.log10(ref_latency_ms / lat), acc - ref_accuracy) for acc, lat in points
+                 if lat < ref_latency_ms and acc > ref_accuracy)
+    area, best_acc = 0.0, 0.0
+    # Sweep from the fastest (most decades) to the slowest: each point adds the strip of accuracy
+    # it holds above every faster point, over the decades it reaches.
+    for decades, acc in sorted(pts, key=lambda p: -p[0]):
+        if acc > best_acc:
+            area += (acc - best_acc) * decades
+            best_acc = acc
+    return area

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ import torch
 from lepton_automl.backbones import BackboneRegistry
 from lepton_automl.compression.pruning import prune_structured, prune_unstructured, zero_fraction
 from lepton_automl.compression.quantization import quantize_onnx
+from lepton_automl.compression.recovery import recover, torch_accuracy
 from lepton_automl.cost.hardware import CostModel
-from lepton_automl.cost.latency import measure_onnx_latency
+from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency
 from lepton_automl.cost.macs import count_macs
 from lepton_automl.data.dataset import LabelledData, Splits
 from lepton_automl.export.artifact import save_artifact
@@ -40,7 +41,6 @@ from lepton_automl.training.trainer import (
     cross_validated_probe_accuracy,
     fold_standardize,
     inverse_frequency_weights,
-    recalibrate_batchnorm,
     tail_features,
     train_probe,
     train_tail,
@@ -148,6 +148,7 @@ class TrialRunner:
     search_ends_at: float | None = None
     class_weights: bool = False
     early_stopping: EarlyStopping | None = None
+    serving_batch: int = 32
     progress: Progress | None = None
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
@@ -269,9 +270,14 @@ class TrialRunner:
             accuracy = cv + (holdout - fp32_holdout)
         latency_input = self._latency_example(prep, seed)
         latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
+        # Throughput at the serving batch size prices inference (cost per prediction); the latency
+        # objective stays batch 1, what one request waits.
+        served = latency if self.serving_batch <= 1 else measure_onnx_latency(
+            runtime, batch_of(latency_input, self.serving_batch), threads=self.threads,
+            plan=TimingPlan(warmup=2, round_runs=5, max_seconds=2.0))
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
         train_seconds = cached.seconds + (time.perf_counter() - own_start)
-        cost = self.cost.total_usd(train_seconds=train_seconds, latency_ms=latency.median_ms)
+        cost = self.cost.total_usd(train_seconds=train_seconds, latency_ms=1000.0 / served.throughput_per_s)
         params_m = sum(p.numel() for p in model.parameters()) / 1e6
         size_mb = Path(runtime).stat().st_size / 2**20
         size_gz_mb = len(gzip.compress(Path(runtime).read_bytes(), compresslevel=6)) / 2**20
@@ -280,7 +286,9 @@ class TrialRunner:
         metrics = {
             "accuracy": accuracy, "holdout_accuracy": holdout, "cv_accuracy": cv, "test_accuracy": test_accuracy, "latency_ms": latency.median_ms,
             "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs, "latency_threads": latency.threads,
-            "latency_device": latency.device, "cost_usd": cost, "train_seconds": train_seconds,
+            "latency_device": latency.device, "serving_batch": served.batch_size,
+            "latency_serving_batch_ms": served.median_ms, "throughput_per_s": served.throughput_per_s,
+            "cost_usd": cost, "train_seconds": train_seconds,
             "size_mb": size_mb, "size_gz_mb": size_gz_mb, "params_m": params_m, "gmacs": gmacs,
             "weight_zero_fraction": zeros,
         }
@@ -299,6 +307,9 @@ class TrialRunner:
             latency_p90_ms=latency.p90_ms, size_mb=size_gz_mb, params_m=params_m, train_seconds=train_seconds,
             artifact=str(trial_dir), extra={"cache_hit": cached.hit, "latency_runs": latency.runs,
                                             "latency_threads": latency.threads, "gmacs": gmacs,
+                                            "serving_batch": served.batch_size,
+                                            "latency_serving_batch_ms": served.median_ms,
+                                            "throughput_per_s": served.throughput_per_s,
                                             "size_raw_mb": size_mb, "weight_zero_fraction": zeros,
                                             "holdout_accuracy": holdout, "cv_accuracy": cv},
         )
@@ -376,57 +387,18 @@ class TrialRunner:
         return zero_fraction(model)
 
     def _recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
-                 deadline: _Deadline, stop: StopCheck | None = None, lr: float = 1e-3,
-                 batch_size: int = 32) -> None:
-        """Fine-tune the whole pruned network briefly: without it the features collapse (logit
-        cosine to the unpruned efficientnet_lite0 about 0.05 at 50% of channels). Normalisation
-        layers train too and are re-estimated at the end; with them frozen the pruned digits model
-        stayed at chance (0.10) after recovery."""
-        gen = torch.Generator().manual_seed(seed)
-        params = list(model.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        examples, labels = self.splits.train.examples, self.splits.train.labels
-        names = self.modality.input_names()
+                 deadline: _Deadline, stop: StopCheck | None = None) -> None:
+        """Recovery after structured pruning, with deadline checks per batch and early stopping per epoch."""
+        gmacs = None if stop is None else count_macs(model, self._latency_example(prep, seed),
+                                                      self.modality.input_names()) / 1e9
 
-        def batch(idx: Sequence[int]) -> list[torch.Tensor]:
-            feeds = self.modality.encode([examples[i] for i in idx], preprocessing=prep)
-            return [torch.from_numpy(feeds[n]) for n in names]
+        def judge(epoch: int) -> None:
+            if stop is not None and gmacs is not None:
+                stop(stage="pruning recovery", epoch=epoch, epochs_left=epochs - epoch, gmacs=gmacs,
+                     accuracy=torch_accuracy(model, self.modality, self.splits.validation, prep))
 
-        gmacs = None
-        if stop is not None:
-            gmacs = count_macs(model, self._latency_example(prep, seed), names) / 1e9
-        model.train()
-        for epoch in range(epochs):
-            order = torch.randperm(len(examples), generator=gen).numpy()
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                logits = model(*batch(idx))
-                loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels[idx]))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                deadline.check(f"pruning recovery epoch {epoch + 1}")
-            if stop is not None and gmacs is not None and epoch + 1 < epochs:
-                stop(stage="pruning recovery", epoch=epoch + 1, epochs_left=epochs - epoch - 1,
-                     accuracy=self._model_accuracy(model, prep), gmacs=gmacs)
-                model.train()
-        for p in params:
-            p.requires_grad_(False)
-        recalibrate_batchnorm(model, (batch(range(s, min(s + 64, len(examples))))
-                                      for s in range(0, len(examples), 64)))
-
-    @torch.no_grad()
-    def _model_accuracy(self, model: ExportModel, prep: Mapping[str, Any]) -> float:
-        """Validation accuracy of the torch model (eval mode; running normalisation statistics)."""
-        model.eval()
-        data, names, correct = self.splits.validation, self.modality.input_names(), 0
-        for s in range(0, len(data), 64):
-            feeds = self.modality.encode(data.examples[s : s + 64], preprocessing=prep)
-            logits = model(*[torch.from_numpy(feeds[n]) for n in names])
-            correct += int((logits.argmax(1).numpy() == data.labels[s : s + 64]).sum())
-        return correct / max(1, len(data))
+        recover(model, self.modality, self.splits.train, prep, epochs=epochs, seed=seed,
+                after_batch=lambda epoch: deadline.check(f"pruning recovery epoch {epoch}"), after_epoch=judge)
 
     def _latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         """A batch-1 input as long as the 98th-percentile example: of 64 random training examples,

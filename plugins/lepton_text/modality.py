@@ -167,6 +167,10 @@ class TextModality(Modality):
             total = len(model.encoder.layer)
             keep = max(1, int(round(total * (1.0 - float(params["prune__amount"])))))
             model.encoder.layer = model.encoder.layer[:keep]
+        if params.get("prune__heads"):  # attention heads removed by `lepton compress`
+            from lepton_automl.compression.pruning import apply_pruned_heads
+
+            apply_pruned_heads(model, params["prune__heads"])
         n = len(model.encoder.layer)
         k = max(0, min(finetune_blocks, n))
         dim = int(model.config.hidden_size)

@@ -1,0 +1,210 @@
+"""Compress an export folder on its own: ``lepton compress MODEL_DIR --data PATH --prune 0.3 --quant int8``.
+
+The model is rebuilt from the folder's safetensors, pruned (structured: conv channels, or attention
+heads and MLP width for transformers) and given a short recovery fine-tune on the training split,
+then exported and quantized. Nothing is assumed: the source and the result are both measured on the
+same validation split of ``data`` (split with the same seed as the search), with latency at batch 1
+and at the serving batch size, in their own runtimes. The result is a new export folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_automl.compression.pruning import count_params, prune_structured, prune_transformer
+from lepton_automl.compression.quantization import TORCH_RUNTIMES, quantize_onnx, to_torch_runtime
+from lepton_automl.compression.recovery import recover
+from lepton_automl.cost.latency import (
+    LatencyReport,
+    TimingPlan,
+    batch_of,
+    measure_onnx_latency,
+    measure_torch_latency,
+)
+from lepton_automl.data.dataset import LabelledData
+from lepton_automl.data.split import split_data
+from lepton_automl.exceptions import ConfigError, DataError
+from lepton_automl.export.artifact import Predictor, card_from_dict, load_metadata, rebuild_model, save_artifact
+from lepton_automl.export.onnx import export_onnx
+from lepton_automl.log import get_logger
+from lepton_automl.training.trainer import fold_standardize
+
+logger = get_logger(__name__)
+
+QUANT_CHOICES = ("none", "int8", "int8-static", "int8-dynamic", *TORCH_RUNTIMES)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One export as measured on the validation split and in its runtime."""
+
+    runtime: str
+    accuracy: float
+    latency_ms: float
+    latency_p90_ms: float
+    serving_batch: int
+    latency_serving_batch_ms: float
+    size_mb: float
+    params_m: float
+
+    def row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    before: Measured
+    after: Measured
+    out: Path
+    prune: float
+    quant: str
+    seconds: float
+
+    def summary(self) -> str:
+        b, a = self.before, self.after
+        return (f"validation accuracy {b.accuracy:.4f} -> {a.accuracy:.4f} ({100 * (a.accuracy - b.accuracy):+.2f} pts); "
+                f"batch-1 latency {b.latency_ms:.3f} -> {a.latency_ms:.3f} ms ({b.latency_ms / a.latency_ms:.2f}x); "
+                f"batch-{a.serving_batch} {b.latency_serving_batch_ms:.2f} -> {a.latency_serving_batch_ms:.2f} ms; "
+                f"file {b.size_mb:.2f} -> {a.size_mb:.2f} MB; params {b.params_m:.2f} -> {a.params_m:.2f} M")
+
+
+def align_classes(data: LabelledData, classes: list[str]) -> LabelledData:
+    """Relabel ``data`` to the export's class order; refuse classes the model does not know."""
+    unknown = sorted(set(data.classes) - set(classes))
+    if unknown:
+        raise DataError(f"The data has classes the model was not trained on: {unknown[:5]}. Compress with "
+                        f"data labelled with the model's classes ({', '.join(classes[:8])}...).")
+    index = {name: i for i, name in enumerate(classes)}
+    mapping = np.array([index[name] for name in data.classes])
+    return dataclasses.replace(data, labels=mapping[data.labels], classes=tuple(classes))
+
+
+def measure_export(directory: Path, data: LabelledData, *, latency_input: Mapping[str, np.ndarray],
+                   serving_batch: int = 32, threads: int | None = None) -> Measured:
+    predictor = Predictor(directory, threads=threads)
+    logits = predictor.logits(list(data.examples))
+    accuracy = float((logits.argmax(1) == data.labels).mean())
+    names = predictor.meta["input_names"]
+    quick = TimingPlan(warmup=2, round_runs=5, max_seconds=2.0)
+    runtime_file = directory / predictor.meta["runtime_file"]
+
+    def latency(feeds: Mapping[str, np.ndarray], plan: TimingPlan) -> LatencyReport:
+        if predictor.session is not None:
+            return measure_onnx_latency(runtime_file, feeds, threads=threads, plan=plan)
+        model = predictor.torch_model
+        return measure_torch_latency(model, feeds, names, device=model.device, threads=threads, plan=plan)
+
+    b1 = latency(latency_input, TimingPlan())
+    served = latency(batch_of(latency_input, serving_batch), quick)
+    shipped = runtime_file if predictor.session is not None else directory / "model.safetensors"
+    return Measured(runtime=predictor.runtime if predictor.session is None else predictor.meta["runtime_file"],
+                    accuracy=accuracy, latency_ms=b1.median_ms, latency_p90_ms=b1.p90_ms,
+                    serving_batch=serving_batch, latency_serving_batch_ms=served.median_ms,
+                    size_mb=shipped.stat().st_size / 2**20, params_m=count_params(rebuild_model(directory)) / 1e6)
+
+
+def compress_export(
+    source: str | Path,
+    *,
+    data: Any,
+    out: str | Path,
+    prune: float = 0.0,
+    quant: str = "none",
+    recovery_epochs: int = 2,
+    recovery_lr: float = 1e-4,
+    seed: int = 0,
+    data_options: Mapping[str, Any] | None = None,
+    serving_batch: int = 32,
+    threads: int | None = None,
+    registry: Any = None,
+) -> CompressResult:
+    """Prune and/or quantize the export at ``source`` into a new export folder ``out``, measured."""
+    start = time.perf_counter()
+    source, out = Path(source), Path(out)
+    if quant not in QUANT_CHOICES:
+        raise ConfigError(f"Unknown --quant {quant!r}. Use one of: {', '.join(QUANT_CHOICES)}.")
+    if not 0.0 <= prune < 1.0:
+        raise ConfigError(f"--prune must be in [0, 1), got {prune}. Try 0.3.")
+    if prune == 0.0 and quant == "none":
+        raise ConfigError("Nothing to do: pass --prune AMOUNT and/or --quant MODE.")
+    if out.resolve() == source.resolve():
+        raise ConfigError("--out must be a new folder; the source export is kept as it is.")
+    meta = load_metadata(source)
+    model = rebuild_model(source, registry=registry)  # fails early, with the fix, for facade exports
+    source_predictor = Predictor(source)
+    modality, prep = source_predictor.modality, source_predictor.preprocessing
+    labelled = align_classes(modality.load(data, options=data_options), list(meta["classes"]))
+    splits = split_data(labelled, seed=seed)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(splits.train), size=min(64, len(splits.train)), replace=False)
+    encoded = [modality.encode([splits.train.examples[i]], preprocessing=prep) for i in idx]
+    latency_input = max(encoded, key=lambda e: sum(v.size for v in e.values()))
+    before = measure_export(source, splits.validation, latency_input=latency_input, serving_batch=serving_batch,
+                            threads=threads)
+    logger.info("source %s: validation accuracy %.4f, %.3f ms", source, before.accuracy, before.latency_ms)
+
+    params = dict(meta["params"])
+    if prune > 0.0:
+        if modality.structured_pruning == "channels":
+            fold_standardize(model.head)
+            head = [m for m in model.head.modules() if hasattr(m, "out_features")][-1:]
+            report = prune_structured(model, latency_input, amount=prune, ignored=head)
+        else:
+            report, heads = prune_transformer(model, amount=prune)
+            merged = {k: list(v) for k, v in dict(params.get("prune__heads") or {}).items()}
+            for layer, removed in heads.items():  # indices of the original heads, so rounds add up
+                merged[layer] = sorted(set(merged.get(layer, [])) | set(removed))
+            params["prune__heads"] = merged
+        logger.info("pruned %.0f%%: %.2f -> %.2f M parameters; recovering for %d epochs", 100 * prune,
+                    report.params_before / 1e6, report.params_after / 1e6, recovery_epochs)
+        recover(model, modality, splits.train, prep, epochs=recovery_epochs, seed=seed, lr=recovery_lr)
+    params.update({"compress__prune": prune, "compress__quant": quant})
+
+    with tempfile.TemporaryDirectory(prefix="lepton-compress-") as tmp:
+        work = Path(tmp)
+        fp32 = export_onnx(model, latency_input, work / "model.onnx", input_names=modality.input_names(),
+                           dynamic_axes=modality.dynamic_axes())
+        runtime, runtime_name = fp32, "onnxruntime"
+        if quant.startswith("int8"):
+            calibration = [modality.encode([splits.train.examples[i]], preprocessing=prep) for i in idx]
+            runtime = quantize_onnx(fp32, work / "model.int8.onnx", mode=quant, calibration=calibration)
+        elif quant in TORCH_RUNTIMES:
+            to_torch_runtime(model, quant)  # fails here, not at load time, if the runtime cannot be built
+            runtime_name = quant
+        card = card_from_dict(meta["backbone"])
+        save_artifact(out, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=modality, card=card,
+                      params=params, classes=meta["classes"], preprocessing=meta["preprocessing"],
+                      finetune_blocks=int(meta["finetune_blocks"]), metrics={}, name=meta.get("name", "Lepton model"),
+                      runtime=runtime_name)
+    after = measure_export(out, splits.validation, latency_input=latency_input, serving_batch=serving_batch,
+                           threads=threads)
+    result = CompressResult(before=before, after=after, out=out, prune=prune, quant=quant,
+                            seconds=time.perf_counter() - start)
+    _record_metrics(out, result, params_m=count_params(model) / 1e6)
+    logger.info("compressed: %s", result.summary())
+    return result
+
+
+def _record_metrics(out: Path, result: CompressResult, *, params_m: float) -> None:
+    import json
+
+    from lepton_automl.export.artifact import METADATA
+    from lepton_automl.export.card import render_model_card
+
+    meta = json.loads((out / METADATA).read_text())
+    meta["metrics"] = {"accuracy": result.after.accuracy, "latency_ms": result.after.latency_ms,
+                       "latency_p90_ms": result.after.latency_p90_ms, "serving_batch": result.after.serving_batch,
+                       "latency_serving_batch_ms": result.after.latency_serving_batch_ms,
+                       "size_mb": result.after.size_mb, "params_m": params_m,
+                       "compressed_from": {"source_accuracy": result.before.accuracy,
+                                           "source_latency_ms": result.before.latency_ms}}
+    (out / METADATA).write_text(json.dumps(meta, indent=2, default=str))
+    (out / "README.md").write_text(render_model_card(meta))

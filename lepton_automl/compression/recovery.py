@@ -1,0 +1,82 @@
+"""The short fine-tune that follows structured pruning ("recovery").
+
+Without it the features collapse: the logit cosine of efficientnet_lite0 to its unpruned self was
+about 0.05 at 50% of channels. The whole network trains, normalisation layers included, and batch
+norm statistics are re-estimated at the end; with normalisation frozen the pruned digits model
+stayed at chance (0.10) after recovery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lepton_automl.data.dataset import LabelledData
+from lepton_automl.interfaces import Modality
+from lepton_automl.training.trainer import recalibrate_batchnorm
+
+
+def recover(
+    model: torch.nn.Module,
+    modality: Modality,
+    data: LabelledData,
+    preprocessing: Mapping[str, Any],
+    *,
+    epochs: int,
+    seed: int,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    after_batch: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
+) -> None:
+    """Fine-tune ``model`` (in place) on ``data`` for ``epochs``; own RNG from ``seed``.
+
+    ``after_batch(epoch)`` runs after every step (deadline checks); ``after_epoch(epoch)`` after
+    every epoch but the last (early stopping; it may evaluate the model, training resumes after).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    examples, labels = data.examples, np.asarray(data.labels)
+    names = modality.input_names()
+
+    def batch(idx: Sequence[int]) -> list[torch.Tensor]:
+        feeds = modality.encode([examples[i] for i in idx], preprocessing=preprocessing)
+        return [torch.from_numpy(feeds[n]) for n in names]
+
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(examples), generator=gen).numpy()
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss = torch.nn.functional.cross_entropy(model(*batch(idx)), torch.as_tensor(labels[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if after_batch is not None:
+                after_batch(epoch)
+        if after_epoch is not None and epoch < epochs:
+            after_epoch(epoch)
+            model.train()
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    recalibrate_batchnorm(model, (batch(range(s, min(s + 64, len(examples)))) for s in range(0, len(examples), 64)))
+
+
+@torch.no_grad()
+def torch_accuracy(model: torch.nn.Module, modality: Modality, data: LabelledData,
+                   preprocessing: Mapping[str, Any], *, batch_size: int = 64) -> float:
+    """Accuracy of the torch model on ``data`` (eval mode; running normalisation statistics)."""
+    model.eval()
+    names, correct = modality.input_names(), 0
+    for s in range(0, len(data), batch_size):
+        feeds = modality.encode(data.examples[s : s + batch_size], preprocessing=preprocessing)
+        logits = model(*[torch.from_numpy(feeds[n]) for n in names])
+        correct += int((logits.argmax(1).numpy() == np.asarray(data.labels[s : s + batch_size])).sum())
+    return correct / max(1, len(data))
