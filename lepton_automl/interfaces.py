@@ -47,8 +47,10 @@ class Modality(ABC):
     # spectrograms to "image" backbones. None means the modality's own name.
     backbone_modality: ClassVar[str | None] = None
     # How structured pruning applies: "channels" (the core prunes conv channels after training,
-    # then fine-tunes to recover) or "layers" (``build`` keeps the first layers itself when
-    # ``params["prune__method"] == "structured"``, before features are extracted).
+    # then fine-tunes to recover) or "layers", for transformers: with ``params["prune__target"]``
+    # "layers" (the default), ``build`` keeps the first layers itself, before features are
+    # extracted; with "width" the core removes attention heads and MLP width after training, then
+    # recovers, and ``build`` must re-apply ``params["prune__heads"]`` when an export is rebuilt.
     structured_pruning: ClassVar[str] = "channels"
 
     @classmethod

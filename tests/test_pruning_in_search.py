@@ -135,3 +135,32 @@ def test_the_search_timeout_stops_a_running_trial(image_runner, tmp_path) -> Non
     late = dataclasses.replace(image_runner, search_ends_at=time.perf_counter() - 1.0)
     with pytest.raises(TrialTimeout, match="--timeout ran out"):
         late.evaluate({**BASE, "prune__method": "none"}, trial_dir=tmp_path / "late", seed=0)
+
+
+def test_text_width_pruning_recovers_and_the_export_rebuilds(text_csv, tiny_bert_dir, tmp_path) -> None:
+    import numpy as np
+    import torch
+
+    from lepton_automl.export.artifact import Predictor, rebuild_model
+
+    registry = BackboneRegistry()
+    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local"))
+    modality = TextModality()
+    runner = _runner(modality, modality.load(text_csv), registry, tmp_path, "tiny")
+    params = {"backbone": "tiny", "data__max_length": 32, "train__mode": "probe", "optim__weight_decay": 1e-4,
+              "prune__method": "structured", "prune__target": "width", "prune__amount": 0.5,
+              "prune__recovery_epochs": 1, "quant__mode": "none"}
+    result = runner.evaluate(params, trial_dir=tmp_path / "w", seed=0)
+    full = runner.evaluate({**params, "prune__method": "none"}, trial_dir=tmp_path / "f", seed=0)
+    assert result.params_m < full.params_m and result.extra["gmacs"] < full.extra["gmacs"]
+    # the export rebuilds the pruned architecture (1 head of 2, MLP 32 of 64) and serves what it measured
+    predictor = Predictor(tmp_path / "w")
+    assert predictor.meta["params"]["prune__heads"] == {"0": [predictor.meta["params"]["prune__heads"]["0"][0]],
+                                                        "1": [predictor.meta["params"]["prune__heads"]["1"][0]]}
+    examples = list(runner.splits.validation.examples)
+    feeds = modality.encode(examples, preprocessing=predictor.preprocessing)
+    with torch.no_grad():
+        rebuilt = rebuild_model(tmp_path / "w")(*[torch.from_numpy(feeds[n]) for n in modality.input_names()])
+    np.testing.assert_allclose(predictor.logits(examples), rebuilt.numpy(), atol=1e-4)
+    labels = runner.splits.validation.labels
+    assert float((predictor.logits(examples).argmax(1) == labels).mean()) == pytest.approx(result.accuracy)

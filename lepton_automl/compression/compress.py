@@ -21,7 +21,7 @@ import numpy as np
 
 from lepton_automl.compression.pruning import count_params, prune_structured, prune_transformer
 from lepton_automl.compression.quantization import TORCH_RUNTIMES, quantize_onnx, to_torch_runtime
-from lepton_automl.compression.recovery import recover
+from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.latency import (
     LatencyReport,
     TimingPlan,
@@ -119,7 +119,7 @@ def compress_export(
     prune: float = 0.0,
     quant: str = "none",
     recovery_epochs: int = 2,
-    recovery_lr: float = 1e-4,
+    recovery_lr: float | None = None,
     seed: int = 0,
     data_options: Mapping[str, Any] | None = None,
     serving_batch: int = 32,
@@ -165,7 +165,8 @@ def compress_export(
             params["prune__heads"] = merged
         logger.info("pruned %.0f%%: %.2f -> %.2f M parameters; recovering for %d epochs", 100 * prune,
                     report.params_before / 1e6, report.params_after / 1e6, recovery_epochs)
-        recover(model, modality, splits.train, prep, epochs=recovery_epochs, seed=seed, lr=recovery_lr)
+        recover(model, modality, splits.train, prep, epochs=recovery_epochs, seed=seed,
+                lr=recovery_lr or RECOVERY_LR[modality.structured_pruning])
     params.update({"compress__prune": prune, "compress__quant": quant})
 
     with tempfile.TemporaryDirectory(prefix="lepton-compress-") as tmp:

@@ -18,6 +18,13 @@ from lepton_automl.data.dataset import LabelledData
 from lepton_automl.interfaces import Modality
 from lepton_automl.training.trainer import recalibrate_batchnorm
 
+# Recovery learning rates: AdamW, whole network. Keyed by ``Modality.structured_pruning``.
+# Convolutional channels: 1e-3.
+# Transformers (heads + MLP width): MiniLM on the Debian set, 50%, 2 epochs, validation accuracy
+# 0.744 before -> 0.754 at 5e-5 and 0.763 at 2e-4 (test 0.765 and 0.769); 5e-5 is the conservative
+# end of the usual BERT fine-tuning range and stays closer to the pretrained weights.
+RECOVERY_LR = {"channels": 1e-3, "layers": 5e-5}
+
 
 def recover(
     model: torch.nn.Module,

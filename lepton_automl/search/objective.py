@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from lepton_automl.backbones import BackboneRegistry
-from lepton_automl.compression.pruning import prune_structured, prune_unstructured, zero_fraction
+from lepton_automl.compression.pruning import prune_structured, prune_transformer, prune_unstructured, zero_fraction
 from lepton_automl.compression.quantization import quantize_onnx
-from lepton_automl.compression.recovery import recover, torch_accuracy
+from lepton_automl.compression.recovery import RECOVERY_LR, recover, torch_accuracy
 from lepton_automl.cost.hardware import CostModel
 from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency
 from lepton_automl.cost.macs import count_macs
@@ -195,7 +195,8 @@ class TrialRunner:
         prep = self.modality.preprocessing(card, self.registry, params=params)
         layer_pruning = ({k: params[k] for k in ("prune__method", "prune__amount") if k in params}
                          if self.modality.structured_pruning == "layers" and
-                         params.get("prune__method") == "structured" else {})
+                         params.get("prune__method") == "structured" and
+                         params.get("prune__target", "layers") == "layers" else {})
         key = cache_key({
             "ref": card.ref, "weights": card.weights, "build": dict(card.build_kwargs),
             "pretrained": self.pretrained, "prep": prep, "blocks": blocks, "pruning": layer_pruning,
@@ -232,7 +233,8 @@ class TrialRunner:
                        should_stop=lambda epoch, h: deadline.check(f"fine-tuning epoch {epoch}") or judge(epoch, h))
         deadline.check("training")
         model = ExportModel(parts.trunk, parts.tail, head).eval()
-        zeros = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline, stop=stop)
+        zeros, pruned = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline, stop=stop)
+        params = {**params, **pruned}  # what a rebuild of the architecture needs (removed heads)
 
         trial_dir.mkdir(parents=True, exist_ok=True)
         example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
@@ -259,7 +261,7 @@ class TrialRunner:
             test_accuracy = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
         accuracy = holdout
         cv = None
-        if blocks == 0 and (prune == "none" or (prune == "structured" and self.modality.structured_pruning == "layers")):
+        if blocks == 0 and (prune == "none" or layer_pruning):
             # A probe on cached features: judge it by 5-fold cross-validation over train+validation,
             # then subtract what compression cost on the held-out split (measured, artifact vs fp32).
             pooled = np.concatenate([np.asarray(train_inputs[0]), np.asarray(cached.arrays["validation"][0])])
@@ -268,7 +270,7 @@ class TrialRunner:
             fp32_holdout = _torch_accuracy(head, np.asarray(cached.arrays["validation"][0]),
                                            self.splits.validation.labels)
             accuracy = cv + (holdout - fp32_holdout)
-        latency_input = self._latency_example(prep, seed)
+        latency_input = self.latency_example(prep, seed)
         latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
         # Throughput at the serving batch size prices inference (cost per prediction); the latency
         # objective stays batch 1, what one request waits.
@@ -347,8 +349,11 @@ class TrialRunner:
             return lambda epoch, h: False
         epochs = int(params["train__epochs"])
         later = int(params.get("prune__recovery_epochs", 0)) if params.get("prune__method") == "structured" else 0
-        ratio = (1.0 - float(params["prune__amount"])) ** 2 if later else 1.0
-        example = self._latency_example(prep, seed)  # the input the trial's latency is measured on
+        # MACs left after the pruning still to come, at best: channels cut both sides of a conv,
+        # heads and MLP width cut one side of each projection.
+        keep = 1.0 - float(params.get("prune__amount", 0.0))
+        ratio = (keep**2 if self.modality.structured_pruning == "channels" else keep) if later else 1.0
+        example = self.latency_example(prep, seed)  # the input the trial's latency is measured on
         gmacs = count_macs(ExportModel(parts.trunk, parts.tail, head), example, self.modality.input_names()) / 1e9
 
         def judge(epoch: int, h: torch.nn.Module) -> bool:
@@ -362,8 +367,9 @@ class TrialRunner:
         return judge
 
     def _prune(self, model: ExportModel, params: Mapping[str, Any], prep: Mapping[str, Any], cfg: TrainConfig,
-               *, seed: int, deadline: _Deadline, stop: StopCheck | None = None) -> float:
-        """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights."""
+               *, seed: int, deadline: _Deadline, stop: StopCheck | None = None) -> tuple[float, dict[str, Any]]:
+        """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
+        the parameters a rebuild of the pruned architecture needs."""
         method = params.get("prune__method", "none")
         head = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1:]
         if method == "structured" and self.modality.structured_pruning == "channels":
@@ -373,6 +379,12 @@ class TrialRunner:
             deadline.check("pruning")
             self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline,
                           stop=stop)
+        elif method == "structured" and params.get("prune__target") == "width":
+            _, heads = prune_transformer(model, amount=float(params["prune__amount"]))
+            deadline.check("pruning")
+            self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline,
+                          stop=stop)
+            return zero_fraction(model), {"prune__heads": heads}
         elif method == "unstructured":
             prune_unstructured(model, amount=float(params["prune__amount"]), ignored=head)
             zeros = zero_fraction(model)
@@ -383,13 +395,13 @@ class TrialRunner:
             model.head = train_probe(tail_features(model.tail, outs), self.splits.train.labels,
                                      len(self.splits.classes), cfg)
             deadline.check("refitting the head after pruning")
-            return zeros
-        return zero_fraction(model)
+            return zeros, {}
+        return zero_fraction(model), {}
 
     def _recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
                  deadline: _Deadline, stop: StopCheck | None = None) -> None:
         """Recovery after structured pruning, with deadline checks per batch and early stopping per epoch."""
-        gmacs = None if stop is None else count_macs(model, self._latency_example(prep, seed),
+        gmacs = None if stop is None else count_macs(model, self.latency_example(prep, seed),
                                                       self.modality.input_names()) / 1e9
 
         def judge(epoch: int) -> None:
@@ -398,9 +410,10 @@ class TrialRunner:
                      accuracy=torch_accuracy(model, self.modality, self.splits.validation, prep))
 
         recover(model, self.modality, self.splits.train, prep, epochs=epochs, seed=seed,
+                lr=RECOVERY_LR[self.modality.structured_pruning],
                 after_batch=lambda epoch: deadline.check(f"pruning recovery epoch {epoch}"), after_epoch=judge)
 
-    def _latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
+    def latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         """A batch-1 input as long as the 98th-percentile example: of 64 random training examples,
         the one whose encoding is largest (text length; images are all the same size)."""
         rng = np.random.default_rng(seed)

@@ -7,7 +7,8 @@
 - ``optim__weight_decay`` (log scale): the L2 strength of the head (and AdamW's decay when
   fine-tuning); ``optim__lr`` (log scale) only when fine-tuning, since the probe is solved by L-BFGS;
 - ``prune__method``: ``none``, ``structured`` (conv channels, then ``prune__recovery_epochs`` of
-  fine-tuning; for transformers, whole layers) or ``unstructured`` (magnitude; a size option only),
+  fine-tuning; for transformers ``prune__target`` picks whole layers, keeping the first ones, or
+  attention heads and MLP width, then recovery) or ``unstructured`` (magnitude; a size option only),
   with ``prune__amount``;
 - ``quant__mode``: ``none`` or ``int8`` (static for convolutional graphs, dynamic MatMul otherwise).
 Conditional parameters (``train__blocks``, ``train__epochs``) are suggested only when they apply.
@@ -71,7 +72,11 @@ def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: Backbo
     params["prune__method"] = trial.suggest_categorical("prune__method", list(space.prune_methods))
     if params["prune__method"] != "none":
         params["prune__amount"] = trial.suggest_float("prune__amount", *space.prune_amount)
-    if params["prune__method"] == "structured" and modality.structured_pruning == "channels":
+    if params["prune__method"] == "structured" and modality.structured_pruning == "layers":
+        # transformers: keep the first layers (no training), or cut heads and MLP width (then recover)
+        params["prune__target"] = trial.suggest_categorical("prune__target", ["layers", "width"])
+    if params["prune__method"] == "structured" and (modality.structured_pruning == "channels"
+                                                    or params.get("prune__target") == "width"):
         params["prune__recovery_epochs"] = trial.suggest_int("prune__recovery_epochs", 1, space.max_recovery_epochs)
     params["quant__mode"] = trial.suggest_categorical("quant__mode", list(space.quant_modes))
     return params

@@ -97,7 +97,7 @@ class TextModality(Modality):
     name = "text"
     tasks = ("classification",)
     description = "Text tables (CSV/TSV/JSONL/Parquet, datasets) with transformers encoders"
-    structured_pruning = "layers"  # drop whole layers, keeping the first ones
+    structured_pruning = "layers"  # transformer: drop whole layers (keep the first), or heads + MLP width
 
     def __init__(self) -> None:
         self._tokenizers: dict[str, Any] = {}
@@ -161,7 +161,7 @@ class TextModality(Modality):
     ) -> ModelParts:
         model = registry.load(card, pretrained=pretrained)
         model.eval()
-        if params.get("prune__method") == "structured":
+        if params.get("prune__method") == "structured" and params.get("prune__target", "layers") == "layers":
             # Keep the first layers: the embeddings and lower layers carry most of what a linear
             # probe uses, and it gives a single backbone a range of latencies.
             total = len(model.encoder.layer)
