@@ -86,7 +86,8 @@ def _front_table(front: list[Any], recommended: int | None) -> Table:
 def _compression(params: dict[str, Any]) -> str:
     parts = []
     if params.get("prune__method", "none") != "none":
-        parts.append(f"{params['prune__method']} prune {float(params['prune__amount']):.0%}")
+        target = {"layers": " (layers)", "width": " (heads+MLP)"}.get(params.get("prune__target", ""), "")
+        parts.append(f"{params['prune__method']} prune {float(params['prune__amount']):.0%}{target}")
     if params.get("quant__mode", "none") != "none":
         parts.append(str(params["quant__mode"]))
     return ", ".join(parts) or "none"

@@ -38,11 +38,16 @@ def recover(
     batch_size: int = 32,
     after_batch: Callable[[int], None] | None = None,
     after_epoch: Callable[[int], None] | None = None,
+    calibration_examples: int = 512,
 ) -> None:
     """Fine-tune ``model`` (in place) on ``data`` for ``epochs``; own RNG from ``seed``.
 
     ``after_batch(epoch)`` runs after every step (deadline checks); ``after_epoch(epoch)`` after
     every epoch but the last (early stopping; it may evaluate the model, training resumes after).
+    Before ``after_epoch``, batch-norm statistics are re-estimated on ``calibration_examples``
+    training examples: with the lagging running averages, a pruned efficientnet_lite0 on digits
+    scored 0.57 after its first recovery epoch and 0.955 once recalibrated at the end, and early
+    stopping judged it on the 0.57.
     """
     gen = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
@@ -68,6 +73,8 @@ def recover(
             if after_batch is not None:
                 after_batch(epoch)
         if after_epoch is not None and epoch < epochs:
+            subset = order[:calibration_examples]
+            recalibrate_batchnorm(model, (batch(subset[s : s + 64]) for s in range(0, len(subset), 64)))
             after_epoch(epoch)
             model.train()
     for p in params:

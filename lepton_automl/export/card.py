@@ -25,7 +25,9 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         f"- Pretrained weights: {card.get('weights') or 'none (random initialisation)'}",
         f"- Training: {params.get('train__mode', 'probe')}"
         + (f", last {meta.get('finetune_blocks')} blocks fine-tuned" if meta.get("finetune_blocks") else ""),
-        f"- Quantization: {params.get('quant__mode', 'none')}; runtime file `{meta['runtime_file']}`",
+        f"- Quantization: {params.get('compress__quant') or params.get('quant__mode', 'none')}; "
+        + (f"runtime file `{meta['runtime_file']}` (ONNX Runtime)" if meta.get("runtime", "onnxruntime") == "onnxruntime"
+           else f"runtime `{meta['runtime']}` (torch, re-applied to `model.safetensors` on load)"),
         f"- Classes ({len(meta['classes'])}): {', '.join(map(str, meta['classes']))}",
         "",
         "## Measured",
@@ -35,11 +37,12 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         f"| test accuracy | {fmt('test_accuracy')} |",
         f"| latency, batch 1, median (ms) | {fmt('latency_ms', '.3f')} |",
         f"| latency, batch 1, p90 (ms) | {fmt('latency_p90_ms', '.3f')} |",
+        f"| latency, batch {m.get('serving_batch', '?')}, median (ms) | {fmt('latency_serving_batch_ms', '.3f')} |",
         f"| file size (MB) | {fmt('size_mb', '.2f')} |",
         f"| parameters (M) | {fmt('params_m', '.2f')} |",
         f"| cost objective (USD) | {fmt('cost_usd', '.6f')} |",
         "",
-        f"Latency was timed with ONNX Runtime on {m.get('latency_device', 'the search machine')} "
+        f"Latency was timed in the model's runtime on {m.get('latency_device', 'the search machine')} "
         f"({m.get('latency_threads', '?')} threads).",
         "",
         "## Hyperparameters",
