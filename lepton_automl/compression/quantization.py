@@ -96,7 +96,8 @@ def _dynamic_with_optimum(work: Path, dst: Path) -> None:
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import QuantizationConfig
 
-    quantizer = ORTQuantizer.from_pretrained(work, file_name="model.onnx")
+    with _quiet_root_logger():  # a bare ONNX file has no transformers config, which optimum warns about
+        quantizer = ORTQuantizer.from_pretrained(work, file_name="model.onnx")
     config = QuantizationConfig(
         is_static=False, format=QuantFormat.QOperator, mode=QuantizationMode.IntegerOps,
         activations_dtype=QuantType.QUInt8, weights_dtype=QuantType.QInt8, per_channel=False,
