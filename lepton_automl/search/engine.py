@@ -68,6 +68,13 @@ def resolve_modality(source: Any, name: str | None, modalities: PluginRegistry |
 
 
 def make_sampler(name: str, *, seed: int) -> optuna.samplers.BaseSampler:
+    """Multi-objective TPE by default. Measured (benchmarks/search.py, one seed, equal budgets of
+    180 s on digits and 240 s on the Debian text set; hypervolume of the final front):
+    digits TPE 2.18, NSGA-II 2.18, random 2.12; text TPE 1.42, NSGA-II 1.40, random 1.38. At these
+    budgets (8-16 trials) TPE and NSGA-II are level and both beat random sampling; TPE is the
+    default because it models the conditional space (fine-tuning and pruning parameters exist only
+    for some trials) without needing a population of 8 before it adapts. GP was not benchmarked.
+    """
     # Optuna 5 samplers read the constraints each trial stores with Trial.set_constraint; the old
     # constraints_func argument is deprecated there.
     if name == "tpe":
