@@ -103,9 +103,11 @@ def test_same_image_under_two_labels_is_dropped(tmp_path, image_folder) -> None:
 def test_leak_between_user_splits_is_removed(tmp_path, image_folder) -> None:
     root = tmp_path / "split"
     shutil.copytree(image_folder, root / "train")
-    for cls in ("disc", "horizontal", "vertical"):
+    for seed, cls in enumerate(("disc", "horizontal", "vertical"), start=101):
         (root / "test" / cls).mkdir(parents=True)
-        Image.fromarray(_rgb(hash(cls) % 1000)).save(root / "test" / cls / "own.png")
+        # Fixed, distinct seeds: str hashes change per process, and two equal images under two
+        # labels would (rightly) both be dropped as conflicting.
+        Image.fromarray(_rgb(seed)).save(root / "test" / cls / "own.png")
     shutil.copy(root / "train" / "disc" / "000.png", root / "test" / "disc" / "leaked.png")
     data = IMAGE.load(root)
     assert "dropped 1 validation/test examples that also appear in an earlier split" in _finding(data, "split-leak")
