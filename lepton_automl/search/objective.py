@@ -193,6 +193,7 @@ class TrialRunner:
         parts = self.modality.build(card, self.registry, params=params, finetune_blocks=blocks,
                                     pretrained=self.pretrained)
         prep = self.modality.preprocessing(card, self.registry, params=params)
+        latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
         layer_pruning = ({k: params[k] for k in ("prune__method", "prune__amount") if k in params}
                          if self.modality.structured_pruning == "layers" and
                          params.get("prune__method") == "structured" and
@@ -227,13 +228,14 @@ class TrialRunner:
             head = train_probe(feats, labels, num_classes, cfg)
             ft = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=int(params["train__epochs"]),
                              seed=seed, class_weights=weights)
-            judge = self._fine_tune_judge(stop, params, parts, head, cached.arrays["validation"], prep, seed)
+            judge = self._fine_tune_judge(stop, params, parts, head, cached.arrays["validation"], latency_input)
             judge(0, head)
             train_tail(parts.tail, head, train_inputs, labels, ft,
                        should_stop=lambda epoch, h: deadline.check(f"fine-tuning epoch {epoch}") or judge(epoch, h))
         deadline.check("training")
         model = ExportModel(parts.trunk, parts.tail, head).eval()
-        zeros, pruned = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline, stop=stop)
+        zeros, pruned = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline, stop=stop,
+                                    latency_input=latency_input)
         params = {**params, **pruned}  # what a rebuild of the architecture needs (removed heads)
 
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +272,6 @@ class TrialRunner:
             fp32_holdout = _torch_accuracy(head, np.asarray(cached.arrays["validation"][0]),
                                            self.splits.validation.labels)
             accuracy = cv + (holdout - fp32_holdout)
-        latency_input = self.latency_example(prep, seed)
         latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
         # Throughput at the serving batch size prices inference (cost per prediction); the latency
         # objective stays batch 1, what one request waits.
@@ -342,7 +343,7 @@ class TrialRunner:
 
     def _fine_tune_judge(self, stop: StopCheck | None, params: Mapping[str, Any], parts: Any,
                          head: torch.nn.Module, validation: tuple[np.ndarray, ...],
-                         prep: Mapping[str, Any], seed: int) -> Callable[[int, torch.nn.Module], bool]:
+                         example: Mapping[str, np.ndarray]) -> Callable[[int, torch.nn.Module], bool]:
         """Early stopping during fine-tuning: validation accuracy of tail + head on cached trunk
         outputs after each epoch (epoch 0: the probe the head starts from)."""
         if stop is None:
@@ -353,7 +354,6 @@ class TrialRunner:
         # heads and MLP width cut one side of each projection.
         keep = 1.0 - float(params.get("prune__amount", 0.0))
         ratio = (keep**2 if self.modality.structured_pruning == "channels" else keep) if later else 1.0
-        example = self.latency_example(prep, seed)  # the input the trial's latency is measured on
         gmacs = count_macs(ExportModel(parts.trunk, parts.tail, head), example, self.modality.input_names()) / 1e9
 
         def judge(epoch: int, h: torch.nn.Module) -> bool:
@@ -367,7 +367,8 @@ class TrialRunner:
         return judge
 
     def _prune(self, model: ExportModel, params: Mapping[str, Any], prep: Mapping[str, Any], cfg: TrainConfig,
-               *, seed: int, deadline: _Deadline, stop: StopCheck | None = None) -> tuple[float, dict[str, Any]]:
+               *, seed: int, deadline: _Deadline, stop: StopCheck | None = None,
+               latency_input: Mapping[str, np.ndarray] | None = None) -> tuple[float, dict[str, Any]]:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
         the parameters a rebuild of the pruned architecture needs."""
         method = params.get("prune__method", "none")
@@ -378,12 +379,12 @@ class TrialRunner:
             prune_structured(model, example, amount=float(params["prune__amount"]), ignored=head)
             deadline.check("pruning")
             self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline,
-                          stop=stop)
+                          stop=stop, latency_input=latency_input)
         elif method == "structured" and params.get("prune__target") == "width":
             _, heads = prune_transformer(model, amount=float(params["prune__amount"]))
             deadline.check("pruning")
             self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline,
-                          stop=stop)
+                          stop=stop, latency_input=latency_input)
             return zero_fraction(model), {"prune__heads": heads}
         elif method == "unstructured":
             prune_unstructured(model, amount=float(params["prune__amount"]), ignored=head)
@@ -399,10 +400,13 @@ class TrialRunner:
         return zero_fraction(model), {}
 
     def _recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
-                 deadline: _Deadline, stop: StopCheck | None = None) -> None:
+                 deadline: _Deadline, stop: StopCheck | None = None,
+                 latency_input: Mapping[str, np.ndarray] | None = None) -> None:
         """Recovery after structured pruning, with deadline checks per batch and early stopping per epoch."""
-        gmacs = None if stop is None else count_macs(model, self.latency_example(prep, seed),
-                                                      self.modality.input_names()) / 1e9
+        gmacs = None
+        if stop is not None:
+            example = latency_input if latency_input is not None else self.latency_example(prep, seed)
+            gmacs = count_macs(model, example, self.modality.input_names()) / 1e9
 
         def judge(epoch: int) -> None:
             if stop is not None and gmacs is not None:
