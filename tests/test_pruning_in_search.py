@@ -23,6 +23,12 @@ def _runner(modality, data, registry, tmp_path: Path, backbone: str) -> TrialRun
                        cost=CostModel(train=profiles["local-cpu"], serve=profiles["local-cpu"]), run_dir=tmp_path)
 
 
+def _tiny_text_runner(modality, text_csv: Path, tiny_bert_dir: Path, tmp_path: Path) -> TrialRunner:
+    registry = BackboneRegistry()
+    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local"))
+    return _runner(modality, modality.load(text_csv), registry, tmp_path, "tiny")
+
+
 BASE = {"backbone": "efficientnet_lite0", "data__image_size": 64, "train__mode": "probe",
         "optim__weight_decay": 1e-4, "quant__mode": "none"}
 
@@ -55,10 +61,8 @@ def test_unstructured_pruning_is_a_size_option(image_runner, tmp_path) -> None:
 
 
 def test_text_structured_pruning_drops_layers(text_csv, tiny_bert_dir, tmp_path) -> None:
-    registry = BackboneRegistry()
-    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local"))
     modality = TextModality()
-    runner = _runner(modality, modality.load(text_csv), registry, tmp_path, "tiny")
+    runner = _tiny_text_runner(modality, text_csv, tiny_bert_dir, tmp_path)
     base = {"backbone": "tiny", "data__max_length": 32, "train__mode": "probe", "optim__weight_decay": 1e-4,
             "quant__mode": "none"}
     full = runner.evaluate({**base, "prune__method": "none"}, trial_dir=tmp_path / "a", seed=0)
@@ -143,10 +147,8 @@ def test_text_width_pruning_recovers_and_the_export_rebuilds(text_csv, tiny_bert
 
     from lepton_automl.export.artifact import Predictor, rebuild_model
 
-    registry = BackboneRegistry()
-    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local"))
     modality = TextModality()
-    runner = _runner(modality, modality.load(text_csv), registry, tmp_path, "tiny")
+    runner = _tiny_text_runner(modality, text_csv, tiny_bert_dir, tmp_path)
     params = {"backbone": "tiny", "data__max_length": 32, "train__mode": "probe", "optim__weight_decay": 1e-4,
               "prune__method": "structured", "prune__target": "width", "prune__amount": 0.5,
               "prune__recovery_epochs": 1, "quant__mode": "none"}
