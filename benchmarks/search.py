@@ -50,8 +50,8 @@ from lepton_automl.plugins import MODALITIES, PluginRegistry
 from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.engine import DIRECTIONS, quiet_optuna, search
 from lepton_automl.search.front import hypervolume
-from lepton_automl.training.features import run_trunk, run_trunk_fast
-from lepton_automl.training.trainer import ExportModel
+from lepton_automl.export.trunk import run_trunk, run_trunk_fast
+from lepton_automl.interfaces import ExportModel
 
 HERE = Path(__file__).parent
 OUT = HERE / "results"

@@ -25,15 +25,17 @@ import torch
 from torch import nn
 
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
-from lepton_automl.compression.pruning import PruneReport, fit_to_state_dict, prune_structured
+from lepton_automl.compression.pruning import PruneReport, prune_structured
 from lepton_automl.compression.quantization import quantize_onnx
 from lepton_automl.cost.latency import measure_onnx_latency
 from lepton_automl.exceptions import ConfigError
-from lepton_automl.export.artifact import load_metadata, save_artifact
+from lepton_automl.export.artifact import fit_to_state_dict, load_metadata, save_artifact
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.log import get_logger
 from lepton_automl.plugins import MODALITIES, PluginRegistry
-from lepton_automl.training.trainer import ExportModel, TupleOut, recalibrate_batchnorm
+from lepton_automl.sessions import ort_session
+from lepton_automl.interfaces import ExportModel, TupleOut
+from lepton_automl.training.trainer import recalibrate_batchnorm
 
 logger = get_logger(__name__)
 
@@ -61,6 +63,39 @@ class CompressionReport:
             rows.append((label, "-" if b is None else format(b, spec), "-" if a is None else format(a, spec)))
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>10}" for r in rows)
+
+
+def _call_build_fn(build_fn: Any, *, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Call a user's ``build_fn`` with what it accepts: an ``nn.Module`` instance is used as is; a
+    callable gets ``num_classes`` and ``input_shape`` if its signature names them (or takes
+    ``**kwargs``), so ``torchvision.models.resnet18`` and ``def SmallCNN(num_classes=10)`` both work."""
+    import inspect
+
+    if isinstance(build_fn, nn.Module):
+        return build_fn
+    if not callable(build_fn):
+        raise ConfigError(f"build_fn must be a registry name, a callable returning an nn.Module, or an "
+                          f"nn.Module; got {type(build_fn).__name__}.")
+    offered = {"num_classes": num_classes, "input_shape": tuple(input_shape)}
+    try:
+        params = inspect.signature(build_fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: offer everything
+        params = {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = offered
+    else:
+        kwargs = {k: v for k, v in offered.items() if k in params}
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    name = getattr(build_fn, "__name__", "build_fn")
+    if required:
+        raise ConfigError(f"build_fn {name}() requires {', '.join(map(repr, required))}, which the facade cannot "
+                          "supply; it passes only num_classes and input_shape. Wrap it: "
+                          f"build_fn=lambda num_classes: {name}(..., num_classes=num_classes).")
+    model = build_fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"build_fn {name}() returned {type(model).__name__}, not a torch nn.Module.")
+    return model
 
 
 def _as_uint8_images(x: np.ndarray) -> list[np.ndarray]:
@@ -126,8 +161,8 @@ class Lepton:
             self._card = card
             self._prep = self._modality.preprocessing(card, self._registry, params=params)
             return ExportModel(parts.trunk, parts.tail, head)
-        model = self.build_fn(input_shape=self.input_shape, num_classes=num_classes)
-        name = getattr(self.build_fn, "__name__", "build_fn")
+        model = _call_build_fn(self.build_fn, input_shape=self.input_shape, num_classes=num_classes)
+        name = getattr(self.build_fn, "__name__", type(self.build_fn).__name__)
         self._card = BackboneCard(name=name, ref=f"build-fn:{name}", modality="image")
         self._prep = {"image_size": [h, w], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
                       "interpolation": "bicubic"}
@@ -169,7 +204,9 @@ class Lepton:
         if self.model is None:
             self.model = self._build(num_classes)
         self._train_epochs(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+        # New weights: an earlier compress() no longer describes this model.
         self._runtime = None
+        self._compression = {"prune__amount": 0.0, "quant__mode": "none"}
         return self
 
     def _train_epochs(self, *, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
@@ -217,9 +254,7 @@ class Lepton:
         outs = []
         session = None
         if self._runtime is not None:
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(self._runtime), providers=["CPUExecutionProvider"])
+            session = ort_session(self._runtime)
         for start in range(0, len(x), batch_size):
             inputs = self._inputs(x[start : start + batch_size])
             if session is not None:
@@ -256,8 +291,10 @@ class Lepton:
         accuracy = None
         if self._val is not None and len(self._val[1]):
             previous, self._runtime = self._runtime, onnx_path
-            accuracy = self.evaluate(*self._val)[1]
-            self._runtime = previous
+            try:
+                accuracy = self.evaluate(*self._val)[1]
+            finally:
+                self._runtime = previous
         params = sum(p.numel() for p in self._require_model().parameters()) / 1e6
         return Measurement(accuracy, latency.median_ms, onnx_path.stat().st_size / 2**20, params)
 

@@ -17,10 +17,47 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.data.dataset import LabelledData
+
+
+# -- the model parts every modality and every stage agree on ---------------------------------
+class TupleOut(nn.Module):
+    """Wrap a module so that it returns a 1-tuple (the trunk contract of ``ModelParts``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.module(*inputs),)
+
+
+class ExportModel(nn.Module):
+    """trunk -> tail -> head as one module: raw model inputs in, logits out."""
+
+    def __init__(self, trunk: nn.Module, tail: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.tail, self.head = trunk, tail, head
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(*self.trunk(*inputs)))
+
+
+class Standardize(nn.Module):
+    """Fixed per-feature standardisation, stored as buffers so that it exports with the head."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,15 @@ def test_search_export_and_predict(image_folder, tmp_path) -> None:
     assert result.output.strip().split("\t")[-1] in {"disc", "horizontal", "vertical"}
 
 
-def test_errors_are_one_line_with_the_fix(tmp_path) -> None:
+def test_errors_are_one_line_with_the_fix(image_folder, tmp_path) -> None:
     result = runner.invoke(app, ["search", "--data", str(tmp_path / "nope.csv"), "--run-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "does not exist" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["search", "--backbone", "efficientnet_lite9", "--run-dir", str(tmp_path),
-                                 "--data", str(tmp_path)])
+                                 "--data", str(image_folder)])
     assert result.exit_code == 2
+    assert "efficientnet_lite9" in result.output and "Did you mean" in result.output
+    assert "Traceback" not in result.output
     result = runner.invoke(app, ["predict", str(tmp_path), "x.png"])
     assert result.exit_code == 2 and "not a Lepton export" in result.output
 

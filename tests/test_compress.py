@@ -75,12 +75,12 @@ def _examples(modality, data) -> list:
     return list(split_data(modality.load(data), seed=0).validation.examples)
 
 
-@pytest.mark.parametrize("prune, quant, agree", [
-    (0.0, "int8", 0.8),     # static QDQ int8 for a convolutional graph
-    (0.3, "none", 1.0),     # channels removed + recovery: the ONNX file is the pruned model
-    (0.3, "int8", 0.8),
+@pytest.mark.parametrize("prune, quant", [
+    (0.0, "int8"),     # static QDQ int8 for a convolutional graph
+    (0.3, "none"),     # channels removed + recovery: the ONNX file is the pruned model
+    (0.3, "int8"),
 ])
-def test_image_compression_round_trips(image_export, image_folder, tmp_path, prune, quant, agree) -> None:
+def test_image_compression_round_trips(image_export, image_folder, tmp_path, prune, quant) -> None:
     result = compress_export(image_export, data=image_folder, out=tmp_path / "c", prune=prune, quant=quant,
                              recovery_epochs=1)
     meta = load_metadata(tmp_path / "c")
@@ -88,10 +88,16 @@ def test_image_compression_round_trips(image_export, image_folder, tmp_path, pru
     assert meta["metrics"]["accuracy"] == result.after.accuracy
     if prune:
         assert result.after.params_m < 0.8 * result.before.params_m
-    served, fp32 = _logits_two_ways(tmp_path / "c", _examples(ImageModality(), image_folder))
-    assert float((served.argmax(1) == fp32.argmax(1)).mean()) >= agree
+    # Every image of the folder (36), not the 6-image validation split: int8 promises logits close to
+    # fp32 relative to their spread, not identical argmaxes (close calls flip, and differently on
+    # CPUs with and without VNNI). Measured here: mean error 0.05 (unpruned) and 0.20 (pruned) of
+    # the logits' standard deviation, correlation 0.998 and 0.965.
+    served, fp32 = _logits_two_ways(tmp_path / "c", sorted(str(p) for p in image_folder.rglob("*.png")))
     if quant == "none":
         np.testing.assert_allclose(served, fp32, atol=1e-3, rtol=1e-3)
+    else:
+        assert float(np.abs(served - fp32).mean()) <= 0.35 * float(fp32.std())
+        assert float(np.corrcoef(served.ravel(), fp32.ravel())[0, 1]) >= 0.9
     assert 0 < result.after.latency_ms < 10_000 and result.after.latency_serving_batch_ms > 0
     assert result.after.serving_batch == 32
 

@@ -76,3 +76,44 @@ def test_clear_errors() -> None:
         model.predict(np.zeros((1, 32, 32, 3), np.uint8))
     with pytest.raises(ConfigError, match="labels"):
         model.fit(np.zeros((4, 8, 8), np.uint8), np.zeros(3))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = small_cnn(input_shape=None, num_classes=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def resnet_like(*, weights=None, **kwargs):  # torchvision's builders take **kwargs
+    return SmallCNN(kwargs["num_classes"])
+
+
+@pytest.mark.parametrize("build_fn", [SmallCNN, resnet_like, SmallCNN(num_classes=10)],
+                         ids=["num_classes-only", "kwargs", "module-instance"])
+def test_build_fn_gets_what_it_accepts(digits, build_fn) -> None:
+    x_train, y_train, x_test, y_test = digits
+    model = Lepton(build_fn=build_fn, input_shape=(16, 16, 3), verbose=False).fit(x_train[:64], y_train[:64], epochs=1)
+    assert model.predict(x_test[:8]).shape == (8,)
+
+
+def test_build_fn_that_needs_more_is_refused_with_the_fix() -> None:
+    def needs_depth(depth, num_classes):
+        return SmallCNN(num_classes)
+
+    model = Lepton(build_fn=needs_depth, input_shape=(16, 16, 3), verbose=False)
+    with pytest.raises(ConfigError, match="requires 'depth'.*Wrap it"):
+        model.fit(np.zeros((4, 16, 16), np.uint8), np.array([0, 1, 0, 1]))
+
+
+def test_fit_after_compress_forgets_the_compression(digits, tmp_path) -> None:
+    import json
+
+    x_train, y_train, _, _ = digits
+    model = Lepton(build_fn=small_cnn, input_shape=(16, 16, 3), verbose=False).fit(x_train, y_train, epochs=1)
+    model.compress(quant="int8", recovery_epochs=0)
+    model.fit(x_train, y_train, epochs=1)
+    meta = json.loads((model.save(tmp_path / "m") / "lepton.json").read_text())
+    assert meta["params"]["quant__mode"] == "none" and meta["runtime_file"] == "model.onnx"

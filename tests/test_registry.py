@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -42,7 +44,7 @@ def test_card_requires_explicit_scheme() -> None:
 
 def test_cards_are_frozen() -> None:
     card = REGISTRY.get("efficientnet_lite0")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         card.name = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         card.build_kwargs["bn_eps"] = 1.0  # type: ignore[index]

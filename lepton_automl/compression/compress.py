@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from lepton_automl.compression.pruning import count_params, prune_structured, prune_transformer
-from lepton_automl.compression.quantization import TORCH_RUNTIMES, quantize_onnx, to_torch_runtime
+from lepton_automl.compression.quantization import quantize_onnx
+from lepton_automl.export.runtime import TORCH_RUNTIMES, to_torch_runtime
 from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.latency import (
     LatencyReport,

@@ -103,44 +103,6 @@ def prune_unstructured(model: nn.Module, *, amount: float, ignored: Sequence[nn.
     return PruneReport("unstructured", amount, before, count_params(model), zero_fraction(model))
 
 
-def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Resize ``model``'s conv, linear and norm layers to the shapes in ``state`` (a pruned model's
-    weights), so that ``load_state_dict(state, strict=True)`` works on a freshly built architecture."""
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        weight = state.get(prefix + "weight")
-        if isinstance(module, nn.Conv2d) and weight is not None and weight.shape != module.weight.shape:
-            depthwise = module.groups > 1 and module.groups == module.in_channels
-            module.out_channels = int(weight.shape[0])
-            if depthwise:
-                module.groups = module.in_channels = int(weight.shape[0])
-            else:
-                module.in_channels = int(weight.shape[1]) * module.groups
-            module.weight = nn.Parameter(torch.empty_like(weight))
-            if module.bias is not None:
-                module.bias = nn.Parameter(torch.empty(weight.shape[0]))
-        elif isinstance(module, nn.Linear) and weight is not None and weight.shape != module.weight.shape:
-            module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
-            module.weight = nn.Parameter(torch.empty_like(weight))
-            if module.bias is not None:
-                module.bias = nn.Parameter(torch.empty(weight.shape[0]))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            mean = state.get(prefix + "running_mean")
-            if mean is not None and mean.shape != module.running_mean.shape:
-                n = int(mean.shape[0])
-                module.num_features = n
-                module.weight = nn.Parameter(torch.empty(n))
-                module.bias = nn.Parameter(torch.empty(n))
-                module.running_mean = torch.zeros(n)
-                module.running_var = torch.ones(n)
-        # Buffers of other modules (e.g. the head's Standardize) take the saved shapes as they are.
-        for buf_name, buf in list(module.named_buffers(recurse=False)):
-            saved = state.get(prefix + buf_name)
-            if saved is not None and buf is not None and saved.shape != buf.shape:
-                setattr(module, buf_name, torch.empty_like(saved))
-    return model
-
-
 def find_encoder_layers(model: nn.Module) -> list[nn.Module]:
     """The BERT-family layers inside ``model`` (attention with ``prune_heads``, an MLP), in order."""
     return [m for m in model.modules()
@@ -191,10 +153,3 @@ def prune_transformer(model: nn.Module, *, amount: float, round_to: int = 8) -> 
                 layer.intermediate.dense = prune_linear_layer(fc_in, index_kept, dim=0)
                 layer.output.dense = prune_linear_layer(fc_out, index_kept, dim=1)
     return PruneReport("structured", amount, before, count_params(model), zero_fraction(model)), removed
-
-
-def apply_pruned_heads(model: nn.Module, heads: Mapping[str, Sequence[int]]) -> None:
-    """Re-apply ``prune_transformer``'s removed heads to a freshly built encoder."""
-    layers = find_encoder_layers(model)
-    for index, removed in heads.items():
-        layers[int(index)].attention.prune_heads([int(h) for h in removed])

@@ -85,12 +85,10 @@ def measure_onnx_latency(
     plan: TimingPlan = TimingPlan(),
 ) -> LatencyReport:
     """Median and p90 latency of one ``session.run`` on ``feeds`` (which fix the batch size)."""
-    import onnxruntime as ort
+    from lepton_automl.sessions import ort_session
 
-    options = ort.SessionOptions()
     n_threads = int(threads or os.cpu_count() or 1)
-    options.intra_op_num_threads = n_threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=n_threads, spinning=True)
     feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
 
     def call() -> None:

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from lepton_automl.backbones import BackboneCard
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.card import render_model_card
+from lepton_automl.sessions import ort_session
 
 FORMAT_VERSION = 1
 METADATA = "lepton.json"
@@ -118,6 +121,44 @@ def card_from_dict(data: Mapping[str, Any]) -> BackboneCard:
     return BackboneCard(**values)
 
 
+def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize ``model``'s conv, linear and norm layers to the shapes in ``state`` (a pruned model's
+    weights), so that ``load_state_dict(state, strict=True)`` works on a freshly built architecture."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = state.get(prefix + "weight")
+        if isinstance(module, nn.Conv2d) and weight is not None and weight.shape != module.weight.shape:
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            module.out_channels = int(weight.shape[0])
+            if depthwise:
+                module.groups = module.in_channels = int(weight.shape[0])
+            else:
+                module.in_channels = int(weight.shape[1]) * module.groups
+            module.weight = nn.Parameter(torch.empty_like(weight))
+            if module.bias is not None:
+                module.bias = nn.Parameter(torch.empty(weight.shape[0]))
+        elif isinstance(module, nn.Linear) and weight is not None and weight.shape != module.weight.shape:
+            module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
+            module.weight = nn.Parameter(torch.empty_like(weight))
+            if module.bias is not None:
+                module.bias = nn.Parameter(torch.empty(weight.shape[0]))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            mean = state.get(prefix + "running_mean")
+            if mean is not None and mean.shape != module.running_mean.shape:
+                n = int(mean.shape[0])
+                module.num_features = n
+                module.weight = nn.Parameter(torch.empty(n))
+                module.bias = nn.Parameter(torch.empty(n))
+                module.running_mean = torch.zeros(n)
+                module.running_var = torch.ones(n)
+        # Buffers of other modules (e.g. the head's Standardize) take the saved shapes as they are.
+        for buf_name, buf in list(module.named_buffers(recurse=False)):
+            saved = state.get(prefix + buf_name)
+            if saved is not None and buf is not None and saved.shape != buf.shape:
+                setattr(module, buf_name, torch.empty_like(saved))
+    return model
+
+
 def rebuild_model(directory: str | Path, *, registry: Any = None, modalities: Any = None) -> Any:
     """The export's torch model (``ExportModel``) rebuilt from ``model.safetensors``: architecture from
     the modality and backbone card, resized to the saved (possibly pruned) shapes, loaded strictly."""
@@ -125,9 +166,8 @@ def rebuild_model(directory: str | Path, *, registry: Any = None, modalities: An
     from safetensors.torch import load_file
 
     from lepton_automl.backbones import BackboneRegistry
-    from lepton_automl.compression.pruning import fit_to_state_dict
     from lepton_automl.plugins import MODALITIES, PluginRegistry
-    from lepton_automl.training.trainer import ExportModel, Standardize
+    from lepton_automl.interfaces import ExportModel, Standardize
 
     directory = Path(directory)
     meta = load_metadata(directory)
@@ -168,16 +208,9 @@ class Predictor:
         self.runtime = self.meta.get("runtime", "onnxruntime")
         self.session = self.torch_model = None
         if self.runtime == "onnxruntime":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(
-                str(self.directory / self.meta["runtime_file"]), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort_session(self.directory / self.meta["runtime_file"], threads=threads, spinning=True)
         else:
-            from lepton_automl.compression.quantization import to_torch_runtime
+            from lepton_automl.export.runtime import to_torch_runtime
 
             self.torch_model = to_torch_runtime(rebuild_model(self.directory, modalities=registry), self.runtime,
                                                 device=device)

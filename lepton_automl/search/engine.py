@@ -31,7 +31,7 @@ from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner
 from lepton_automl.search.space import SearchSpace, warm_start_configs
 from lepton_automl.training.cache import FeatureCache
-from lepton_automl.training.features import Progress
+from lepton_automl.export.trunk import Progress
 
 logger = get_logger(__name__)
 

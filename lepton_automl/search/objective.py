@@ -34,9 +34,11 @@ from lepton_automl.log import get_logger
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.training.cache import FeatureCache, cache_key
-from lepton_automl.training.features import Progress, run_trunk_fast
+from lepton_automl.export.trunk import run_trunk_fast
+from lepton_automl.sessions import ort_session
+from lepton_automl.export.trunk import Progress
+from lepton_automl.interfaces import ExportModel
 from lepton_automl.training.trainer import (
-    ExportModel,
     TrainConfig,
     cross_validated_probe_accuracy,
     fold_standardize,
@@ -113,11 +115,7 @@ def _torch_accuracy(head: torch.nn.Module, features: np.ndarray, labels: np.ndar
 
 
 def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
-    import onnxruntime as ort
-
-    from lepton_automl.training.features import quiet_session_options
-
-    session = ort.InferenceSession(str(path), quiet_session_options(), providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     correct = 0
     for start in range(0, len(data), 64):
         feeds = modality.encode(data.examples[start : start + 64], preprocessing=preprocessing)
@@ -324,14 +322,11 @@ class TrialRunner:
     def _verify_artifact(self, runtime: Path, model: ExportModel, trunk_outputs: tuple[np.ndarray, ...],
                          blocks: int, prep: Mapping[str, Any], n: int = 64) -> None:
         """The exported file must predict what the scored model predicts, on real inputs."""
-        import onnxruntime as ort
-
         from lepton_automl.exceptions import ExportError
-        from lepton_automl.training.features import quiet_session_options
 
         data = self.splits.validation
         n = min(n, len(data))
-        session = ort.InferenceSession(str(runtime), quiet_session_options(), providers=["CPUExecutionProvider"])
+        session = ort_session(runtime)
         file_pred = session.run(["logits"], self.modality.encode(data.examples[:n], preprocessing=prep))[0].argmax(1)
         with torch.no_grad():
             feats = self._head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)

@@ -112,10 +112,10 @@ class ModalityTestCase:
         assert feats.shape == (2, parts.feature_dim)
 
     def test_exports_to_onnx_and_agrees_with_torch(self, case: ModalityCase, data: LabelledData, tmp_path) -> None:
-        import onnxruntime as ort
+        from lepton_automl.sessions import ort_session
 
         from lepton_automl.export.onnx import export_onnx
-        from lepton_automl.training.trainer import ExportModel
+        from lepton_automl.interfaces import ExportModel
 
         card = case.registry.get(case.backbone)
         params = case.modality.default_params(card)
@@ -125,7 +125,7 @@ class ModalityTestCase:
         encoded = case.modality.encode(data.examples[:2], preprocessing=prep)
         path = export_onnx(model, {k: v[:1] for k, v in encoded.items()}, tmp_path / "m.onnx",
                            input_names=case.modality.input_names(), dynamic_axes=case.modality.dynamic_axes())
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort_session(path)
         got = session.run(["logits"], encoded)[0]
         with torch.no_grad():
             want = model(*[torch.from_numpy(encoded[n]) for n in case.modality.input_names()]).numpy()

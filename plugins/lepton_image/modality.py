@@ -19,9 +19,8 @@ from torch import nn
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.exceptions import DataError
-from lepton_automl.interfaces import Modality, ModelParts
+from lepton_automl.interfaces import Modality, ModelParts, TupleOut
 from lepton_automl.log import get_logger
-from lepton_automl.training.trainer import TupleOut
 
 logger = get_logger(__name__)
 

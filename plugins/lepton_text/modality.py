@@ -168,9 +168,8 @@ class TextModality(Modality):
             keep = max(1, int(round(total * (1.0 - float(params["prune__amount"])))))
             model.encoder.layer = model.encoder.layer[:keep]
         if params.get("prune__heads"):  # attention heads removed by `lepton compress`
-            from lepton_automl.compression.pruning import apply_pruned_heads
-
-            apply_pruned_heads(model, params["prune__heads"])
+            for index, removed in params["prune__heads"].items():
+                model.encoder.layer[int(index)].attention.prune_heads([int(h) for h in removed])
         n = len(model.encoder.layer)
         k = max(0, min(finetune_blocks, n))
         dim = int(model.config.hidden_size)
@@ -182,18 +181,18 @@ class TextModality(Modality):
     def preprocessing(
         self, card: BackboneCard, registry: BackboneRegistry, *, params: Mapping[str, Any]
     ) -> dict[str, Any]:
-        from lepton_registry.sources import _transformers_path
+        from lepton_registry import transformers_path
 
         length = int(params.get("data__max_length") or self.default_params(card)["data__max_length"])
         if card.max_length:
             length = min(length, card.max_length)
-        return {"max_length": length, "tokenizer": _transformers_path(card)}
+        return {"max_length": length, "tokenizer": transformers_path(card)}
 
     def _tokenizer(self, where: str) -> Any:
         if where not in self._tokenizers:
             from transformers import AutoTokenizer
 
-            from lepton_registry.sources import hub_offline
+            from lepton_registry import hub_offline
 
             self._tokenizers[where] = AutoTokenizer.from_pretrained(where, local_files_only=hub_offline())
         return self._tokenizers[where]

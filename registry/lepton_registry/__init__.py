@@ -17,6 +17,9 @@ except ModuleNotFoundError:  # pragma: no cover
 
 from lepton_automl.backbones import BackboneCard
 from lepton_automl.exceptions import ConfigError, did_you_mean
+from lepton_registry.sources import hub_offline, transformers_path
+
+__all__ = ["builtin_cards", "card_from_mapping", "cards_from_file", "hub_offline", "transformers_path"]
 
 CARDS_FILE = Path(__file__).with_name("cards.toml")
 _FIELDS = set(BackboneCard.__dataclass_fields__)

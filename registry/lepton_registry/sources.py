@@ -81,7 +81,7 @@ class TimmSource:
             ) from exc
 
 
-def _transformers_path(card: BackboneCard) -> str:
+def transformers_path(card: BackboneCard) -> str:
     """Resolve where a transformers backbone loads from, in the fixed order documented above."""
     if card.scheme == "local-dir":
         path = Path(card.target).expanduser()
@@ -114,7 +114,7 @@ class HubSource:
             return False
 
     def _from_pretrained(self, loader: Any, card: BackboneCard) -> Any:
-        where = _transformers_path(card)
+        where = transformers_path(card)
         try:
             return loader.from_pretrained(where, local_files_only=hub_offline())
         except OSError as exc:

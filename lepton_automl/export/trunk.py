@@ -1,20 +1,25 @@
 """Run a frozen trunk over a dataset, batch by batch, through the modality's ``encode``.
 
-The trunk is exported to ONNX and run with ONNX Runtime when it can be: for efficientnet_lite0 at
-224 px on 2 cores, torch eager extracted digits features at about 23 images/s and ONNX Runtime
-at about 4x that (see benchmarks/). If the export fails, torch eager is used.
+``run_trunk_fast`` exports the trunk to ONNX and runs it with ONNX Runtime: for efficientnet_lite0 at
+224 px on 2 cores, torch eager extracted digits features at about 23 images/s and ONNX Runtime at
+about 4x that (see benchmarks/). If the export fails, ``run_trunk`` (torch eager) is used.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from lepton_automl.exceptions import ExportError
+from lepton_automl.export.onnx import export_onnx
 from lepton_automl.interfaces import Modality
+from lepton_automl.sessions import ort_session
 
 Progress = Callable[[str, int, int], None]
 
@@ -67,14 +72,6 @@ def run_trunk_fast(
     desc: str = "features",
 ) -> tuple[np.ndarray, ...]:
     """``run_trunk`` through ONNX Runtime (same outputs within float tolerance), torch as fallback."""
-    import tempfile
-    from pathlib import Path
-
-    import onnxruntime as ort
-
-    from lepton_automl.exceptions import ExportError
-    from lepton_automl.export.onnx import export_onnx
-
     names = modality.input_names()
     example = modality.encode(examples[:1], preprocessing=preprocessing)
     with torch.no_grad():
@@ -87,7 +84,7 @@ def run_trunk_fast(
         except ExportError:
             return run_trunk(trunk, modality, examples, preprocessing=preprocessing, batch_size=batch_size,
                              progress=progress, desc=desc)
-        session = ort.InferenceSession(str(path), quiet_session_options(), providers=["CPUExecutionProvider"])
+        session = ort_session(path)
         chunks: list[list[np.ndarray]] = []
         for start in range(0, len(examples), batch_size):
             feeds = modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)
@@ -96,13 +93,3 @@ def run_trunk_fast(
                 progress(desc, min(start + batch_size, len(examples)), len(examples))
         del session
     return _concat(chunks)
-
-
-def quiet_session_options() -> Any:
-    """ONNX Runtime options for bulk work: worker threads sleep instead of spinning when idle, so
-    a finished extraction or evaluation does not slow the latency timing that follows it."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
