@@ -224,7 +224,7 @@ def probe_only(data: str, modality: str, seed: int, root: Path) -> dict[str, Any
             configs.append({"backbone": card.name, **params, "train__mode": "probe", "optim__weight_decay": wd,
                             "prune__method": "none", "quant__mode": "none"})
     res = run_search("probe-only", data, modality, 3600, seed, root, enqueue=configs, warm_start=False,
-                     space_options={"train_modes": ("probe",), "prune_methods": ("none",), "quant_modes": ("none",)})
+                     space_options={"train__mode": ("probe",), "prune__method": ("none",), "quant__mode": ("none",)})
     total_forward = sum(forward.values())
     return {"backbones": [c.name for c in cards], "trials": len(configs), "forward_pass_s": forward,
             "search_wall_s": res["summary"]["wall_s"], "trial_seconds": res["summary"]["trial_seconds"],

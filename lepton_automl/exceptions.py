@@ -39,7 +39,12 @@ class ExportError(LeptonError):
 
 def did_you_mean(name: str, choices: Iterable[str], *, n: int = 3) -> str:
     """Return ``" Did you mean 'x'?"`` (or an empty string) for the nearest of ``choices``."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    choices = list(choices)
+    # A bare name whose prefixed form exists ('lr' for 'optim__lr') is the likeliest slip; difflib
+    # alone rates such pairs too far apart.
+    bare = name.rpartition("__")[2].replace("_", "")
+    close = [c for c in choices if c.rpartition("__")[2].replace("_", "") == bare and c != name][:n]
+    close = close or difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
     if not close:
         return ""
     quoted = " or ".join(repr(c) for c in close)

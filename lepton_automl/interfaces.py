@@ -60,6 +60,27 @@ class Standardize(nn.Module):
 
 
 
+ENSEMBLE_SEP = "+"  # "efficientnet_lite0+efficientnet_lite1": a probe on both backbones' features
+
+
+def ensemble_members(backbone: str) -> list[str]:
+    """The card names of a backbone parameter: one name, or several joined by ``ENSEMBLE_SEP``."""
+    return backbone.split(ENSEMBLE_SEP)
+
+
+class ConcatTrunk(nn.Module):
+    """Several frozen trunks on the same inputs, their pooled features side by side: one linear probe
+    over all of them is an ensemble at the price of running every member (measured on the artifact).
+    Each member must return a 1-tuple of ``(batch, features)`` (a trunk cut with ``finetune_blocks=0``)."""
+
+    def __init__(self, trunks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(trunks)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.cat([member(*inputs)[0] for member in self.members], dim=1),)
+
+
 @dataclass(frozen=True)
 class ModelParts:
     """A backbone cut in two: ``trunk`` stays frozen, ``tail`` may be fine-tuned.
@@ -89,6 +110,8 @@ class Modality(ABC):
     # extracted; with "width" the core removes attention heads and MLP width after training, then
     # recovers, and ``build`` must re-apply ``params["prune__heads"]`` when an export is rebuilt.
     structured_pruning: ClassVar[str] = "channels"
+    # AdamW learning rates searched for full fine-tuning (``train__mode="full"``), log scale.
+    finetune_lr: ClassVar[tuple[float, float]] = (1e-4, 1e-3)
 
     @classmethod
     def backbones_from(cls) -> str:
@@ -149,6 +172,10 @@ class Modality(ABC):
         """Modality parameters for the warm-start trials, best accuracy first (optional hook)."""
         return [self.default_params(card)]
 
+    def full_finetune_variant(self, card: BackboneCard) -> dict[str, Any]:
+        """Modality parameters of the warm-start full fine-tuning trial (optional hook)."""
+        return self.default_params(card)
+
     def read_inputs(self, items: Sequence[str]) -> list[Any]:
         """Turn what a user passes to ``lepton predict`` into examples ``encode`` accepts."""
         return list(items)
@@ -170,7 +197,8 @@ class TrialResult:
     cost_usd: float
     test_accuracy: float | None = None
     latency_p90_ms: float | None = None
-    size_mb: float | None = None
+    size_mb: float | None = None  # the runtime file
+    size_gz_mb: float | None = None  # the runtime file, gzip-compressed (what --max-size-mb limits)
     params_m: float | None = None
     train_seconds: float | None = None
     artifact: str | None = None

@@ -13,6 +13,7 @@ from lepton_automl.export.artifact import Predictor
 from lepton_automl.search.engine import search
 from lepton_automl.search.front import pick
 from lepton_automl.search.objective import Limits
+from lepton_automl.training.trainer import PROBE_L2_GRID
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,9 @@ def test_image_search_records_three_objectives(image_outcome) -> None:
     for t in done:
         acc, latency, cost = t.values
         assert 0.0 <= acc <= 1.0 and latency > 0 and cost > 0
-        assert {"backbone", "train__mode", "quant__mode", "optim__weight_decay", "data__image_size"} <= set(t.params)
+        assert {"backbone", "train__mode", "quant__mode", "data__image_size"} <= set(t.params)
+        if t.params["train__mode"] == "probe" and t.params["prune__method"] == "none":
+            assert t.user_attrs["probe_l2"] in PROBE_L2_GRID  # chosen by cross-validation, not sampled
         assert t.user_attrs["size_mb"] > 0 and t.user_attrs["latency_runs"] >= 5
     # Warm start: the first trial is the fp32 linear probe at full size, the second its int8 twin.
     assert done[0].params["quant__mode"] == "none" and done[1].params["quant__mode"] == "int8"

@@ -38,6 +38,7 @@ def save_artifact(
     runtime_onnx: str | Path,
     modality: Any,
     card: BackboneCard,
+    members: Sequence[BackboneCard] | None = None,
     params: Mapping[str, Any],
     classes: Sequence[str],
     preprocessing: Mapping[str, Any],
@@ -72,6 +73,7 @@ def save_artifact(
         "name": name,
         "modality": modality.name,
         "backbone": card_to_dict(card),
+        **({"members": [card_to_dict(c) for c in members]} if members else {}),
         "params": dict(params),
         "classes": list(map(str, classes)),
         "preprocessing": dict(preprocessing),
@@ -167,7 +169,7 @@ def rebuild_model(directory: str | Path, *, registry: Any = None, modalities: An
 
     from lepton_automl.backbones import BackboneRegistry
     from lepton_automl.plugins import MODALITIES, PluginRegistry
-    from lepton_automl.interfaces import ExportModel, Standardize
+    from lepton_automl.interfaces import ConcatTrunk, ExportModel, ModelParts, Standardize
 
     directory = Path(directory)
     meta = load_metadata(directory)
@@ -175,9 +177,12 @@ def rebuild_model(directory: str | Path, *, registry: Any = None, modalities: An
         raise ExportError(f"{str(directory)!r} was saved by the Lepton facade; reload it with "
                           "`Lepton.load(path)` and call `.compress(prune=..., quant=...)` on it.")
     modality = (modalities or PluginRegistry(MODALITIES)).load(meta["modality"])()
-    card = card_from_dict(meta["backbone"])
-    parts = modality.build(card, registry or BackboneRegistry(), params=meta["params"],
-                           finetune_blocks=int(meta["finetune_blocks"]), pretrained=False)
+    registry = registry or BackboneRegistry()
+    cards = [card_from_dict(c) for c in meta.get("members", [meta["backbone"]])]
+    built = [modality.build(c, registry, params=meta["params"], finetune_blocks=int(meta["finetune_blocks"]),
+                            pretrained=False) for c in cards]
+    parts = built[0] if len(built) == 1 else ModelParts(trunk=ConcatTrunk([p.trunk for p in built]),
+                                                        tail=torch.nn.Identity(), feature_dim=0)
     state = load_file(str(directory / "model.safetensors"))
     weight = state["head.1.weight"]
     first: torch.nn.Module = torch.nn.Identity()

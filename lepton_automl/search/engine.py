@@ -29,7 +29,7 @@ from lepton_automl.plugins import MODALITIES, PluginRegistry
 from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner
-from lepton_automl.search.space import SearchSpace, warm_start_configs
+from lepton_automl.search.space import SearchSpace, ensemble_of, warm_start_configs
 from lepton_automl.training.cache import FeatureCache
 from lepton_automl.export.trunk import Progress
 
@@ -125,6 +125,7 @@ def search(
     serving_batch: int = 32,
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
+    ensembles: bool = True,
 ) -> SearchOutcome:
     """Run (or resume) a multi-objective search and return the study and its Pareto front."""
     registry = registry or BackboneRegistry()
@@ -149,7 +150,8 @@ def search(
                 f"Backbone {name!r} has no weights available offline. Pick one listed by "
                 f"`lepton registry list --pretrained --modality {mod.backbones_from()}`, or pass --untrained."
             )
-    space = SearchSpace(backbones=tuple(names), **dict(space_options or {}))
+    space = SearchSpace.from_options(backbones=names, options=space_options,
+                                     ensembles=ensemble_of(names, mod, registry) if ensembles else ())
 
     run_root = Path(run_root)
     study_name = study_name or f"{mod.name}-{labelled.name}"
@@ -191,6 +193,11 @@ def search(
     # Optuna's timeout only stops new trials; a trial still running past it (plus a minute's grace
     # to finish what it measured) is stopped, so that --timeout bounds the search's wall time.
     search_ends_at = None if timeout is None else time.perf_counter() + float(timeout) + 60.0
+    if timeout is not None:
+        # No single trial may take more than a quarter of the budget: one slow configuration must not
+        # eat the search (a pruned lite0 with recovery once ran 237 of 600 s). --trial-timeout can only lower it.
+        cap = float(timeout) / 4.0
+        trial_timeout = cap if trial_timeout is None else min(float(trial_timeout), cap)
     runner = TrialRunner(modality=mod, registry=registry, splits=splits, space=space, cache=cache, cost=cost,
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
                          threads=threads, trial_timeout=trial_timeout, search_ends_at=search_ends_at,

@@ -1,8 +1,15 @@
-"""One trial: configuration -> trained model -> exported, compressed artifact -> measured objectives.
+"""One trial: a typed configuration, then six named steps, then the measured objectives.
 
-Every number a trial reports is measured on the artifact it would ship: accuracy by running the
-(possibly quantized) ONNX file on the validation split with ONNX Runtime, latency by timing that
-file at batch 1, cost from the measured seconds and latency.
+``TrialRunner.evaluate`` reads top to bottom:
+
+1. ``_features``: frozen-trunk outputs of every split (cached on disk per trunk and data);
+2. ``_train``: a cross-validated linear probe, partial fine-tuning on cached trunk outputs, or full
+   fine-tuning from the probe;
+3. ``_prune``: structured (then recovery) or unstructured pruning, if the configuration asks;
+4. ``_export``: the ONNX file, quantized to int8 if asked: the artifact that would ship;
+5. ``_score``: validation and test accuracy of that artifact (a probe is judged by cross-validation
+   minus what compression cost it on the validation split);
+6. ``_measure``: latency (batch 1) and throughput (serving batch) of the artifact, MACs, size, cost.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import gzip
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,95 +25,50 @@ from typing import Any
 import numpy as np
 import torch
 
-from lepton_automl.backbones import BackboneRegistry
+from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.compression.pruning import prune_structured, prune_transformer, prune_unstructured, zero_fraction
 from lepton_automl.compression.quantization import quantize_onnx
-from lepton_automl.compression.recovery import RECOVERY_LR, recover, torch_accuracy
+from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.hardware import CostModel
 from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency
 from lepton_automl.cost.macs import count_macs
 from lepton_automl.data.dataset import LabelledData, Splits
+from lepton_automl.exceptions import ConfigError, ExportError
 from lepton_automl.export.artifact import save_artifact
 from lepton_automl.export.onnx import export_onnx
-from lepton_automl.interfaces import Modality, TrialResult
-from lepton_automl.exceptions import LeptonError
+from lepton_automl.export.trunk import Progress, run_trunk_fast
+from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelParts, TrialResult
 from lepton_automl.log import get_logger
+from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
+from lepton_automl.search.limits import Deadline, Limits, TrialTimeout, usefulness_floor
 from lepton_automl.search.space import SearchSpace, suggest
-from lepton_automl.training.cache import FeatureCache, cache_key
-from lepton_automl.export.trunk import run_trunk_fast
 from lepton_automl.sessions import ort_session
-from lepton_automl.export.trunk import Progress
-from lepton_automl.interfaces import ExportModel
+from lepton_automl.training.cache import CachedArrays, FeatureCache, cache_key
+from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune
 from lepton_automl.training.trainer import (
+    ProbeFit,
     TrainConfig,
-    cross_validated_probe_accuracy,
     fold_standardize,
     inverse_frequency_weights,
+    select_probe,
     tail_features,
-    train_probe,
     train_tail,
 )
+
+__all__ = ["Limits", "TrialRunner", "TrialTimeout", "usefulness_floor", "onnx_accuracy"]
 
 logger = get_logger(__name__)
 
 CALIBRATION_EXAMPLES = 64
-
-
-class TrialTimeout(LeptonError):
-    """A trial ran past the per-trial time limit."""
-
-
-@dataclass(frozen=True)
-class _Deadline:
-    start: float
-    limit: float | None
-    search_ends_at: float | None = None  # time.perf_counter() value after which no trial may go on
-
-    def check(self, stage: str) -> None:
-        now = time.perf_counter()
-        if self.limit is not None and now - self.start > self.limit:
-            raise TrialTimeout(f"trial passed the per-trial limit of {self.limit:.0f} s during {stage} "
-                               "(raise --trial-timeout, or narrow the space)")
-        if self.search_ends_at is not None and now > self.search_ends_at:
-            raise TrialTimeout(f"the search's --timeout ran out during {stage}; the trial was stopped")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Hard limits; a trial over any of them is infeasible and never enters the front.
-
-    ``max_size_mb`` applies to the gzip-compressed runtime file (what is shipped): that is where
-    unstructured pruning pays off, since dense kernels gain nothing from zeros.
-    """
-
-    max_latency_ms: float | None = None
-    max_size_mb: float | None = None
-    max_cost_usd: float | None = None
-    max_params_m: float | None = None
-    min_accuracy: float | None = None
-
-    def constraints(self, result: TrialResult) -> dict[str, float]:
-        """Optuna constraint values: <= 0 is feasible."""
-        out = {}
-        if self.min_accuracy is not None:
-            out["min_accuracy"] = float(self.min_accuracy - result.accuracy)
-        pairs = {
-            "latency_ms": (result.latency_ms, self.max_latency_ms),
-            "size_mb": (result.size_mb, self.max_size_mb),
-            "cost_usd": (result.cost_usd, self.max_cost_usd),
-            "params_m": (result.params_m, self.max_params_m),
-        }
-        out.update({k: float(v - lim) for k, (v, lim) in pairs.items() if lim is not None and v is not None})
-        return out
-
-
-def usefulness_floor(labels: np.ndarray) -> float:
-    """The least accuracy a recommendable model needs: a tenth of the way from always predicting the
-    most common class to perfect. A pruned model that collapsed to guessing is fast, cheap and
-    therefore Pareto-optimal, but useless; this keeps it off the front."""
-    majority = float(np.bincount(labels).max() / max(1, len(labels)))
-    return majority + 0.1 * (1.0 - majority)
+DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configuration names none
+# One fine-tuning epoch (forward + backward + AdamW in torch eager, then a validation pass) per training
+# example, in units of one ONNX Runtime forward pass; measured trials replace it (``train_cost_ratio``).
+# Measured on the glyph set (lite0, 96 px): 13-16 s per epoch for 960 images whose extraction took
+# 1.9 s for 1,600, i.e. about 12.
+DEFAULT_TRAIN_COST_RATIO = 12.0
+# Layer-wise learning-rate decay for full fine-tuning (ELECTRA and BEiT use 0.65-0.9).
+FULL_FINETUNE_LAYER_DECAY = 0.8
 
 
 @torch.no_grad()
@@ -125,6 +87,24 @@ def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocess
         correct += int((logits.argmax(1) == data.labels[start : start + 64]).sum())
     del session
     return correct / max(1, len(data))
+
+
+def _concat_features(parts: list[CachedArrays]) -> CachedArrays:
+    """One member's trunk outputs, or several members' pooled features side by side (each cached alone,
+    so an ensemble costs no extraction once its members ran)."""
+    if len(parts) == 1:
+        return parts[0]
+    arrays = {split: (np.concatenate([np.asarray(p.arrays[split][0]) for p in parts], axis=1),)
+              for split in parts[0].arrays}
+    return CachedArrays(arrays=arrays, seconds=sum(p.seconds for p in parts), hit=all(p.hit for p in parts))
+
+
+@dataclass(frozen=True)
+class _Scores:
+    accuracy: float  # the objective
+    holdout: float  # validation accuracy of the artifact
+    test: float
+    cv: float | None
 
 
 @dataclass
@@ -148,11 +128,15 @@ class TrialRunner:
     early_stopping: EarlyStopping | None = None
     serving_batch: int = 32
     progress: Progress | None = None
+    train_cost_ratio: float | None = None  # measured on this study's full fine-tuning trials
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
         import optuna
 
         params = suggest(trial, self.space, self.modality, self.registry)
+        ratios = [t.user_attrs["train_cost_ratio"] for t in trial.study.get_trials(deepcopy=False)
+                  if t.user_attrs.get("train_cost_ratio")]
+        self.train_cost_ratio = float(np.median(ratios)) if ratios else None
         stop = None if self.early_stopping is None else StopCheck(
             rule=self.early_stopping, points=lambda: points_from_study(trial.study),
             backbone=str(params["backbone"]), quant=str(params.get("quant__mode", "none")))
@@ -175,7 +159,8 @@ class TrialRunner:
         for key, value in self.limits.constraints(result).items():
             trial.set_constraint(key, value)
         trial.set_constraint("above_chance", usefulness_floor(self.splits.train.labels) - result.accuracy)
-        for key in ("test_accuracy", "latency_p90_ms", "size_mb", "params_m", "train_seconds", "artifact"):
+        for key in ("test_accuracy", "latency_p90_ms", "size_mb", "size_gz_mb", "params_m", "train_seconds",
+                    "artifact"):
             trial.set_user_attr(key, getattr(result, key))
         for key, value in result.extra.items():
             trial.set_user_attr(key, value)
@@ -185,20 +170,76 @@ class TrialRunner:
     def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int,
                  stop: StopCheck | None = None) -> TrialResult:
         start = time.perf_counter()
-        deadline = _Deadline(start, self.trial_timeout, self.search_ends_at)
-        card = self.registry.get(params["backbone"])
-        blocks = int(params.get("train__blocks", 0)) if params.get("train__mode") == "finetune" else 0
-        parts = self.modality.build(card, self.registry, params=params, finetune_blocks=blocks,
-                                    pretrained=self.pretrained)
-        prep = self.modality.preprocessing(card, self.registry, params=params)
+        config = TrialConfig.from_params(params)
+        deadline = Deadline(start, self.trial_timeout, self.search_ends_at)
+        cards = [self.registry.get(name) for name in config.members]
+        card = cards[0]
+        member_parts = [self.modality.build(c, self.registry, params=params, finetune_blocks=config.finetune_blocks,
+                                            pretrained=self.pretrained) for c in cards]
+        parts = member_parts[0] if len(cards) == 1 else ModelParts(
+            trunk=ConcatTrunk([p.trunk for p in member_parts]), tail=torch.nn.Identity(),
+            feature_dim=sum(p.feature_dim for p in member_parts))
+        prep = self._preprocessing(cards, params)
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
-        layer_pruning = ({k: params[k] for k in ("prune__method", "prune__amount") if k in params}
-                         if self.modality.structured_pruning == "layers" and
-                         params.get("prune__method") == "structured" and
-                         params.get("prune__target", "layers") == "layers" else {})
+
+        cached = _concat_features([self._features(c, p, prep, config) for c, p in zip(cards, member_parts)])
+        deadline.check("feature extraction")
+        own_start = time.perf_counter()
+        model, probe, info = self._train(config, parts, cached, prep, seed=seed, deadline=deadline, stop=stop,
+                                         latency_input=latency_input)
+        deadline.check("training")
+        zeros, rebuild = self._prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
+                                     latency_input=latency_input)
+        params = {**params, **rebuild}  # what a rebuild of the architecture needs (removed heads)
+        fp32, runtime = self._export(model, config, prep, trial_dir, seed)
+        deadline.check("export and quantization")
+        scores = self._score(config, model, runtime, cached, prep, probe)
+        train_seconds = cached.seconds + (time.perf_counter() - own_start)
+        measured = self._measure(model, runtime, latency_input, train_seconds=train_seconds)
+
+        if not math.isfinite(scores.accuracy):
+            raise FloatingPointError("accuracy is not finite")
+        extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": zeros,
+                 "holdout_accuracy": scores.holdout, "cv_accuracy": scores.cv,
+                 "probe_l2": None if probe is None else probe.l2, **info}
+        metrics = {"accuracy": scores.accuracy, "test_accuracy": scores.test, "train_seconds": train_seconds,
+                   **extra}
+        save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
+                      card=card, members=cards if len(cards) > 1 else None, params=params, classes=self.splits.classes, preprocessing=prep,
+                      finetune_blocks=config.finetune_blocks, metrics=metrics,
+                      name=f"{self.splits.train.name} classifier")
+        prune = config.prune
+        logger.info(
+            "%s %s %s prune=%s quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)",
+            card.name, dict(config.data), config.train.mode,
+            prune.method if prune.method == "none" else f"{prune.method}:{float(prune.amount):.2f}",
+            config.quant.mode, scores.accuracy, measured["latency_ms"], measured["cost_usd"],
+            time.perf_counter() - start, ", features cached" if cached.hit else "",
+        )
+        return TrialResult(
+            accuracy=scores.accuracy, latency_ms=measured["latency_ms"], cost_usd=measured["cost_usd"],
+            test_accuracy=scores.test, latency_p90_ms=measured["latency_p90_ms"], size_mb=measured["size_mb"],
+            size_gz_mb=measured["size_gz_mb"], params_m=measured["params_m"], train_seconds=train_seconds,
+            artifact=str(trial_dir),
+            extra={k: v for k, v in extra.items()
+                   if k not in ("latency_ms", "cost_usd", "latency_p90_ms", "size_mb", "size_gz_mb", "params_m")},
+        )
+
+    # -- 1. features ------------------------------------------------------------------------
+    def _preprocessing(self, cards: list[BackboneCard], params: Mapping[str, Any]) -> dict[str, Any]:
+        preps = [self.modality.preprocessing(c, self.registry, params=params) for c in cards]
+        if any(p != preps[0] for p in preps[1:]):
+            raise ConfigError(f"The ensemble {'+'.join(c.name for c in cards)} mixes backbones that need "
+                              "different input preprocessing; its members must share one.")
+        return preps[0]
+
+    def _features(self, card: BackboneCard, parts: ModelParts, prep: Mapping[str, Any],
+                  config: TrialConfig) -> CachedArrays:
+        layer_pruning = ({"prune__method": config.prune.method, "prune__amount": config.prune.amount}
+                         if config.drops_layers(self.modality.structured_pruning) else {})
         key = cache_key({
             "ref": card.ref, "weights": card.weights, "build": dict(card.build_kwargs),
-            "pretrained": self.pretrained, "prep": prep, "blocks": blocks, "pruning": layer_pruning,
+            "pretrained": self.pretrained, "prep": prep, "blocks": config.finetune_blocks, "pruning": layer_pruning,
             "data": self.splits.fingerprint(), "modality": self.modality.name,
         })
         cached = self.cache.get(key)
@@ -206,148 +247,68 @@ class TrialRunner:
             t0 = time.perf_counter()
             arrays = {
                 split: run_trunk_fast(parts.trunk, self.modality, getattr(self.splits, split).examples,
-                                 preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}")
+                                      preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}")
                 for split in ("train", "validation", "test")
             }
             cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,
-                                    label=f"{card.name} {prep} blocks={blocks}")
-        deadline.check("feature extraction")
-        own_start = time.perf_counter()
+                                    label=f"{card.name} {prep} blocks={config.finetune_blocks}")
+        return cached
+
+    # -- 2. training ------------------------------------------------------------------------
+    def _class_weights(self) -> tuple[float, ...] | None:
+        labels = self.splits.train.labels
+        return inverse_frequency_weights(labels, len(self.splits.classes)) if self.class_weights else None
+
+    def _train(self, config: TrialConfig, parts: ModelParts, cached: CachedArrays, prep: Mapping[str, Any], *,
+               seed: int, deadline: Deadline, stop: StopCheck | None,
+               latency_input: Mapping[str, np.ndarray]) -> tuple[ExportModel, ProbeFit | None, dict[str, Any]]:
+        """The trained model, the probe fit when the head alone was trained, and what to record."""
         train_inputs = cached.arrays["train"]
         labels = self.splits.train.labels
-        weights = inverse_frequency_weights(labels, len(self.splits.classes)) if self.class_weights else None
-        cfg = TrainConfig(lr=float(params.get("optim__lr", 1e-3)),
-                          weight_decay=float(params["optim__weight_decay"]), seed=seed, class_weights=weights)
+        weights = self._class_weights()
         num_classes = len(self.splits.classes)
-        if blocks == 0:
-            head = train_probe(np.asarray(train_inputs[0]), labels, num_classes, cfg)
-        else:
-            feats = tail_features(parts.tail, train_inputs)
-            head = train_probe(feats, labels, num_classes, cfg)
-            ft = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=int(params["train__epochs"]),
-                             seed=seed, class_weights=weights)
-            judge = self._fine_tune_judge(stop, params, parts, head, cached.arrays["validation"], latency_input)
+        if config.probe_only(self.modality.structured_pruning):
+            # The probe's L2 strength is chosen by cross-validation over train+validation inside the
+            # trial, and the head is fit on both: the sampler never spends trials on it.
+            pooled = np.concatenate([np.asarray(train_inputs[0]), np.asarray(cached.arrays["validation"][0])])
+            pooled_labels = np.concatenate([labels, self.splits.validation.labels])
+            fit = select_probe(pooled, pooled_labels, num_classes, seed=seed, class_weights=weights)
+            return ExportModel(parts.trunk, parts.tail, fit.head).eval(), fit, {}
+        features = (np.asarray(train_inputs[0]) if config.finetune_blocks == 0
+                    else tail_features(parts.tail, train_inputs))
+        head = select_probe(features, labels, num_classes, seed=seed, class_weights=weights).head
+        model = ExportModel(parts.trunk, parts.tail, head)
+        info: dict[str, Any] = {}
+        if config.train.mode == "full":
+            # Linear probe first, then every layer from it (LP-FT: Kumar et al., "Fine-Tuning can Distort
+            # Pretrained Features and Underperform Out-of-Distribution", ICLR 2022).
+            info = self._fine_tune_full(model, config, prep, seed=seed, deadline=deadline, stop=stop,
+                                        latency_input=latency_input, extraction_seconds=cached.seconds)
+        elif config.train.mode == "finetune":
+            ft = TrainConfig(lr=float(config.optim.lr), weight_decay=self._weight_decay(config),
+                             epochs=int(config.train.epochs), seed=seed, class_weights=weights)
+            judge = self._fine_tune_judge(stop, config, parts, head, cached.arrays["validation"], latency_input)
             judge(0, head)
             train_tail(parts.tail, head, train_inputs, labels, ft,
                        should_stop=lambda epoch, h: deadline.check(f"fine-tuning epoch {epoch}") or judge(epoch, h))
-        deadline.check("training")
-        model = ExportModel(parts.trunk, parts.tail, head).eval()
-        zeros, pruned = self._prune(model, params, prep, cfg, seed=seed, deadline=deadline, stop=stop,
-                                    latency_input=latency_input)
-        params = {**params, **pruned}  # what a rebuild of the architecture needs (removed heads)
-
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
-        fp32 = export_onnx(model, example, trial_dir / "model.onnx",
-                           input_names=self.modality.input_names(), dynamic_axes=self.modality.dynamic_axes())
-        runtime = fp32
-        if params.get("quant__mode", "none") != "none":
-            calib = [self.modality.encode([e], preprocessing=prep)
-                     for e in self._calibration_examples(seed)]
-            runtime = quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=str(params["quant__mode"]),
-                                    calibration=calib)
-        deadline.check("export and quantization")
-        prune = params.get("prune__method", "none")
-        if params.get("quant__mode", "none") == "none" and (prune == "none" or layer_pruning):
-            # The artifact is the trained fp32 model: score it on the cached trunk outputs (no second
-            # pass over the data), after checking on real inputs that the file computes the same.
-            holdout, test_accuracy = (
-                _torch_accuracy(model.head, self._head_inputs(model, cached.arrays[split], blocks),
-                                getattr(self.splits, split).labels)
-                for split in ("validation", "test"))
-            self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
-        else:
-            holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
-            test_accuracy = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
-        accuracy = holdout
-        cv = None
-        if blocks == 0 and (prune == "none" or layer_pruning):
-            # A probe on cached features: judge it by 5-fold cross-validation over train+validation,
-            # then subtract what compression cost on the held-out split (measured, artifact vs fp32).
-            pooled = np.concatenate([np.asarray(train_inputs[0]), np.asarray(cached.arrays["validation"][0])])
-            pooled_labels = np.concatenate([labels, self.splits.validation.labels])
-            cv = cross_validated_probe_accuracy(pooled, pooled_labels, num_classes, cfg)
-            fp32_holdout = _torch_accuracy(head, np.asarray(cached.arrays["validation"][0]),
-                                           self.splits.validation.labels)
-            accuracy = cv + (holdout - fp32_holdout)
-        latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
-        # Throughput at the serving batch size prices inference (cost per prediction); the latency
-        # objective stays batch 1, what one request waits.
-        served = latency if self.serving_batch <= 1 else measure_onnx_latency(
-            runtime, batch_of(latency_input, self.serving_batch), threads=self.threads,
-            plan=TimingPlan(warmup=2, round_runs=5, max_seconds=2.0))
-        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
-        train_seconds = cached.seconds + (time.perf_counter() - own_start)
-        cost = self.cost.total_usd(train_seconds=train_seconds, latency_ms=1000.0 / served.throughput_per_s)
-        params_m = sum(p.numel() for p in model.parameters()) / 1e6
-        size_mb = Path(runtime).stat().st_size / 2**20
-        size_gz_mb = len(gzip.compress(Path(runtime).read_bytes(), compresslevel=6)) / 2**20
-        if not math.isfinite(accuracy):
-            raise FloatingPointError("accuracy is not finite")
-        metrics = {
-            "accuracy": accuracy, "holdout_accuracy": holdout, "cv_accuracy": cv, "test_accuracy": test_accuracy, "latency_ms": latency.median_ms,
-            "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs, "latency_threads": latency.threads,
-            "latency_device": latency.device, "serving_batch": served.batch_size,
-            "latency_serving_batch_ms": served.median_ms, "throughput_per_s": served.throughput_per_s,
-            "cost_usd": cost, "train_seconds": train_seconds,
-            "size_mb": size_mb, "size_gz_mb": size_gz_mb, "params_m": params_m, "gmacs": gmacs,
-            "weight_zero_fraction": zeros,
-        }
-        save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
-                      card=card, params=params, classes=self.splits.classes, preprocessing=prep,
-                      finetune_blocks=blocks, metrics=metrics, name=f"{self.splits.train.name} classifier")
-        logger.info(
-            "%s %s %s prune=%s quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)",
-            card.name, {k: v for k, v in params.items() if k.startswith("data__")}, params["train__mode"],
-            prune if prune == "none" else f"{prune}:{float(params['prune__amount']):.2f}",
-            params.get("quant__mode"), accuracy, latency.median_ms, cost, time.perf_counter() - start,
-            ", features cached" if cached.hit else "",
-        )
-        return TrialResult(
-            accuracy=accuracy, latency_ms=latency.median_ms, cost_usd=cost, test_accuracy=test_accuracy,
-            latency_p90_ms=latency.p90_ms, size_mb=size_gz_mb, params_m=params_m, train_seconds=train_seconds,
-            artifact=str(trial_dir), extra={"cache_hit": cached.hit, "latency_runs": latency.runs,
-                                            "latency_threads": latency.threads, "gmacs": gmacs,
-                                            "serving_batch": served.batch_size,
-                                            "latency_serving_batch_ms": served.median_ms,
-                                            "throughput_per_s": served.throughput_per_s,
-                                            "size_raw_mb": size_mb, "weight_zero_fraction": zeros,
-                                            "holdout_accuracy": holdout, "cv_accuracy": cv},
-        )
+        return model.eval(), None, info
 
     @staticmethod
-    def _head_inputs(model: ExportModel, trunk_outputs: tuple[np.ndarray, ...], blocks: int) -> np.ndarray:
-        return np.asarray(trunk_outputs[0]) if blocks == 0 else tail_features(model.tail, trunk_outputs)
+    def _weight_decay(config: TrialConfig) -> float:
+        return float(config.optim.weight_decay if config.optim.weight_decay is not None else DEFAULT_WEIGHT_DECAY)
 
-    def _verify_artifact(self, runtime: Path, model: ExportModel, trunk_outputs: tuple[np.ndarray, ...],
-                         blocks: int, prep: Mapping[str, Any], n: int = 64) -> None:
-        """The exported file must predict what the scored model predicts, on real inputs."""
-        from lepton_automl.exceptions import ExportError
-
-        data = self.splits.validation
-        n = min(n, len(data))
-        session = ort_session(runtime)
-        file_pred = session.run(["logits"], self.modality.encode(data.examples[:n], preprocessing=prep))[0].argmax(1)
-        with torch.no_grad():
-            feats = self._head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)
-            scored_pred = model.head(torch.from_numpy(np.array(feats, dtype=np.float32))).argmax(1).numpy()
-        agree = float((file_pred == scored_pred).mean())
-        if agree < 0.95:
-            raise ExportError(f"the exported model agrees with the trained model on only {agree:.0%} of "
-                              f"{n} validation examples; report this with the trial's parameters")
-
-    def _fine_tune_judge(self, stop: StopCheck | None, params: Mapping[str, Any], parts: Any,
+    def _fine_tune_judge(self, stop: StopCheck | None, config: TrialConfig, parts: ModelParts,
                          head: torch.nn.Module, validation: tuple[np.ndarray, ...],
-                         example: Mapping[str, np.ndarray]) -> Callable[[int, torch.nn.Module], bool]:
-        """Early stopping during fine-tuning: validation accuracy of tail + head on cached trunk
+                         example: Mapping[str, np.ndarray]) -> Any:
+        """Early stopping during partial fine-tuning: validation accuracy of tail + head on cached trunk
         outputs after each epoch (epoch 0: the probe the head starts from)."""
         if stop is None:
             return lambda epoch, h: False
-        epochs = int(params["train__epochs"])
-        later = int(params.get("prune__recovery_epochs", 0)) if params.get("prune__method") == "structured" else 0
+        epochs = int(config.train.epochs)
+        later = int(config.prune.recovery_epochs) if config.prune.method == "structured" else 0
         # MACs left after the pruning still to come, at best: channels cut both sides of a conv,
         # heads and MLP width cut one side of each projection.
-        keep = 1.0 - float(params.get("prune__amount", 0.0))
+        keep = 1.0 - float(config.prune.amount)
         ratio = (keep**2 if self.modality.structured_pruning == "channels" else keep) if later else 1.0
         gmacs = count_macs(ExportModel(parts.trunk, parts.tail, head), example, self.modality.input_names()) / 1e9
 
@@ -361,57 +322,180 @@ class TrialRunner:
 
         return judge
 
-    def _prune(self, model: ExportModel, params: Mapping[str, Any], prep: Mapping[str, Any], cfg: TrainConfig,
-               *, seed: int, deadline: _Deadline, stop: StopCheck | None = None,
-               latency_input: Mapping[str, np.ndarray] | None = None) -> tuple[float, dict[str, Any]]:
+    def _fine_tune_full(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
+                        deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray],
+                        extraction_seconds: float) -> dict[str, float]:
+        """Fine-tune every layer, keeping the epoch with the best validation accuracy.
+
+        Its wall time is predicted before it starts from what the trunk's feature extraction cost
+        (ONNX Runtime, forward only, every split) times the study's measured ratio of a training pass
+        to that (``train_cost_ratio`` of finished trials, ``DEFAULT_TRAIN_COST_RATIO`` before any).
+        Epochs that cannot finish inside the trial's remaining time are not started: the trial runs
+        fewer, or is stopped before training with the prediction as its reason.
+        """
+        n_train = len(self.splits.train)
+        forward_s = extraction_seconds / max(1, n_train + len(self.splits.validation) + len(self.splits.test))
+        ratio = self.train_cost_ratio or DEFAULT_TRAIN_COST_RATIO
+        per_epoch = ratio * forward_s * n_train
+        epochs = int(config.train.epochs)
+        left = deadline.remaining()
+        fits = epochs if math.isinf(left) else min(epochs, int(0.9 * left // max(per_epoch, 1e-9)))
+        if fits < 1:
+            raise TrialStopped(f"predicted {per_epoch:.0f} s per fine-tuning epoch, more than the "
+                               f"{deadline.remaining():.0f} s this trial has left; not started")
+        if fits < epochs:
+            logger.info("fine-tuning %d of %d epochs: predicted %.0f s each, %.0f s left", fits, epochs,
+                        per_epoch, deadline.remaining())
+        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop else 0.0
+
+        def after_epoch(epoch: int, accuracy: float | None) -> None:
+            # Full fine-tuning often dips in its first epochs (the pretrained features are disturbed
+            # before they adapt: 0.29 after epoch 1 of 2 from a 0.46 probe on the glyph set), so it is
+            # judged only from the second half of its epochs on.
+            if stop is not None and accuracy is not None and epoch >= fits / 2:
+                stop(stage="fine-tuning", epoch=epoch, epochs_left=fits - epoch, accuracy=accuracy, gmacs=gmacs)
+
+        cfg = FineTuneConfig(epochs=fits, lr=float(config.optim.lr), weight_decay=self._weight_decay(config),
+                             layer_decay=FULL_FINETUNE_LAYER_DECAY, seed=seed, class_weights=self._class_weights())
+        begin = time.perf_counter()
+        log = fine_tune(model, self.modality, self.splits.train, prep, cfg, validation=self.splits.validation,
+                        after_batch=lambda epoch: deadline.check(f"fine-tuning epoch {epoch}"),
+                        after_epoch=after_epoch, progress=self.progress)
+        measured = (time.perf_counter() - begin) / max(1, len(log.seconds_per_epoch))
+        return {"predicted_epoch_s": per_epoch, "measured_epoch_s": measured, "epochs_run": fits,
+                "best_epoch": log.best_epoch, "validation_curve": log.curve,
+                "train_cost_ratio": measured / max(forward_s * n_train, 1e-9)}
+
+    # -- 3. pruning -------------------------------------------------------------------------
+    def _prune(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
+               deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray],
+               ) -> tuple[float, dict[str, Any]]:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
         the parameters a rebuild of the pruned architecture needs."""
-        method = params.get("prune__method", "none")
+        prune = config.prune
         head = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1:]
-        if method == "structured" and self.modality.structured_pruning == "channels":
+        if prune.method == "structured" and self.modality.structured_pruning == "channels":
             fold_standardize(model.head)
             example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
-            prune_structured(model, example, amount=float(params["prune__amount"]), ignored=head)
+            prune_structured(model, example, amount=float(prune.amount), ignored=head)
             deadline.check("pruning")
-            self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline,
+            self._recover(model, prep, epochs=int(prune.recovery_epochs), seed=seed, deadline=deadline,
                           stop=stop, latency_input=latency_input)
-        elif method == "structured" and params.get("prune__target") == "width":
-            _, heads = prune_transformer(model, amount=float(params["prune__amount"]))
+        elif prune.method == "structured" and prune.target == "width":
+            _, heads = prune_transformer(model, amount=float(prune.amount))
             deadline.check("pruning")
-            self._recover(model, prep, epochs=int(params["prune__recovery_epochs"]), seed=seed, deadline=deadline,
+            self._recover(model, prep, epochs=int(prune.recovery_epochs), seed=seed, deadline=deadline,
                           stop=stop, latency_input=latency_input)
             return zero_fraction(model), {"prune__heads": heads}
-        elif method == "unstructured":
-            prune_unstructured(model, amount=float(params["prune__amount"]), ignored=head)
+        elif prune.method == "unstructured":
+            prune_unstructured(model, amount=float(prune.amount), ignored=head)
             zeros = zero_fraction(model)
             # The head was fit to the unpruned features; refit it to the pruned network's. Measured on
             # digits (efficientnet_lite0, 96 px, 50% of weights zeroed): 0.128 validation accuracy
             # with the old head, 0.955 with a refit one, for about 5 s of extraction.
             outs = run_trunk_fast(model.trunk, self.modality, self.splits.train.examples, preprocessing=prep)
-            model.head = train_probe(tail_features(model.tail, outs), self.splits.train.labels,
-                                     len(self.splits.classes), cfg)
+            model.head = select_probe(tail_features(model.tail, outs), self.splits.train.labels,
+                                      len(self.splits.classes), seed=seed, class_weights=self._class_weights()).head
             deadline.check("refitting the head after pruning")
             return zeros, {}
         return zero_fraction(model), {}
 
     def _recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
-                 deadline: _Deadline, stop: StopCheck | None = None,
-                 latency_input: Mapping[str, np.ndarray] | None = None) -> None:
+                 deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray]) -> None:
         """Recovery after structured pruning, with deadline checks per batch and early stopping per epoch."""
-        gmacs = None
-        if stop is not None:
-            example = latency_input if latency_input is not None else self.latency_example(prep, seed)
-            gmacs = count_macs(model, example, self.modality.input_names()) / 1e9
+        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop is not None else None
 
         def judge(epoch: int) -> None:
             if stop is not None and gmacs is not None:
                 stop(stage="pruning recovery", epoch=epoch, epochs_left=epochs - epoch, gmacs=gmacs,
-                     accuracy=torch_accuracy(model, self.modality, self.splits.validation, prep))
+                     accuracy=evaluate_accuracy(model, self.modality, self.splits.validation, prep))
 
         recover(model, self.modality, self.splits.train, prep, epochs=epochs, seed=seed,
                 lr=RECOVERY_LR[self.modality.structured_pruning],
                 after_batch=lambda epoch: deadline.check(f"pruning recovery epoch {epoch}"), after_epoch=judge)
 
+    # -- 4. export --------------------------------------------------------------------------
+    def _export(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], trial_dir: Path,
+                seed: int) -> tuple[Path, Path]:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
+        fp32 = export_onnx(model, example, trial_dir / "model.onnx",
+                           input_names=self.modality.input_names(), dynamic_axes=self.modality.dynamic_axes())
+        if config.quant.mode == "none":
+            return fp32, fp32
+        calibration = [self.modality.encode([e], preprocessing=prep) for e in self._calibration_examples(seed)]
+        return fp32, quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=config.quant.mode,
+                                   calibration=calibration)
+
+    # -- 5. scoring -------------------------------------------------------------------------
+    def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, cached: CachedArrays,
+               prep: Mapping[str, Any], probe: ProbeFit | None) -> _Scores:
+        frozen_trunk = config.train.mode != "full" and (config.prune.method == "none"
+                                                        or config.drops_layers(self.modality.structured_pruning))
+        if config.quant.mode == "none" and frozen_trunk:
+            # The artifact is the trained fp32 model over the cached trunk: score it on the cached
+            # outputs (no second pass over the data), after checking on real inputs that the file
+            # computes the same.
+            blocks = config.finetune_blocks
+            holdout, test = (_torch_accuracy(model.head, self._head_inputs(model, cached.arrays[split], blocks),
+                                             getattr(self.splits, split).labels)
+                             for split in ("validation", "test"))
+            self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
+        else:
+            holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
+            test = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
+        if probe is None:
+            return _Scores(accuracy=holdout, holdout=holdout, test=test, cv=None)
+        # A probe is judged by its cross-validated accuracy over train+validation, minus what
+        # compression cost on the validation split (the artifact against the fp32 head; the head saw
+        # those examples, so only the difference is meaningful).
+        fp32_holdout = _torch_accuracy(probe.head, np.asarray(cached.arrays["validation"][0]),
+                                       self.splits.validation.labels)
+        return _Scores(accuracy=probe.cv_accuracy + (holdout - fp32_holdout), holdout=holdout, test=test,
+                       cv=probe.cv_accuracy)
+
+    @staticmethod
+    def _head_inputs(model: ExportModel, trunk_outputs: tuple[np.ndarray, ...], blocks: int) -> np.ndarray:
+        return np.asarray(trunk_outputs[0]) if blocks == 0 else tail_features(model.tail, trunk_outputs)
+
+    def _verify_artifact(self, runtime: Path, model: ExportModel, trunk_outputs: tuple[np.ndarray, ...],
+                         blocks: int, prep: Mapping[str, Any], n: int = 64) -> None:
+        """The exported file must predict what the scored model predicts, on real inputs."""
+        data = self.splits.validation
+        n = min(n, len(data))
+        session = ort_session(runtime)
+        file_pred = session.run(["logits"], self.modality.encode(data.examples[:n], preprocessing=prep))[0].argmax(1)
+        with torch.no_grad():
+            feats = self._head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)
+            scored_pred = model.head(torch.from_numpy(np.array(feats, dtype=np.float32))).argmax(1).numpy()
+        agree = float((file_pred == scored_pred).mean())
+        if agree < 0.95:
+            raise ExportError(f"the exported model agrees with the trained model on only {agree:.0%} of "
+                              f"{n} validation examples; report this with the trial's parameters")
+
+    # -- 6. measurement ---------------------------------------------------------------------
+    def _measure(self, model: ExportModel, runtime: Path, latency_input: Mapping[str, np.ndarray], *,
+                 train_seconds: float) -> dict[str, Any]:
+        latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
+        # Throughput at the serving batch size prices inference (cost per prediction); the latency
+        # objective stays batch 1, what one request waits.
+        served = latency if self.serving_batch <= 1 else measure_onnx_latency(
+            runtime, batch_of(latency_input, self.serving_batch), threads=self.threads,
+            plan=TimingPlan(warmup=2, round_runs=5, max_seconds=2.0))
+        shipped = Path(runtime).read_bytes()
+        return {
+            "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs,
+            "latency_threads": latency.threads, "latency_device": latency.device,
+            "serving_batch": served.batch_size, "latency_serving_batch_ms": served.median_ms,
+            "throughput_per_s": served.throughput_per_s,
+            "cost_usd": self.cost.total_usd(train_seconds=train_seconds, latency_ms=1000.0 / served.throughput_per_s),
+            "gmacs": count_macs(model, latency_input, self.modality.input_names()) / 1e9,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "size_mb": len(shipped) / 2**20,  # the runtime file as written
+            "size_gz_mb": len(gzip.compress(shipped, compresslevel=6)) / 2**20,  # what --max-size-mb limits
+        }
+
+    # -- inputs -----------------------------------------------------------------------------
     def latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         """A batch-1 input as long as the 98th-percentile example: of 64 random training examples,
         the one whose encoding is largest (text length; images are all the same size)."""

@@ -2,10 +2,13 @@
 
 - ``backbone``: a registry card name, filtered by modality and availability;
 - ``data__*``: the modality's own (``data__image_size``, ``data__max_length``);
-- ``train__mode``: ``probe`` (linear head on cached frozen features) or ``finetune`` (the last
-  ``train__blocks`` blocks and the head, on cached trunk outputs, for ``train__epochs``);
-- ``optim__weight_decay`` (log scale): the L2 strength of the head (and AdamW's decay when
-  fine-tuning); ``optim__lr`` (log scale) only when fine-tuning, since the probe is solved by L-BFGS;
+- ``train__mode``: ``probe`` (linear head on cached frozen features), ``finetune`` (the last
+  ``train__blocks`` blocks and the head, on cached trunk outputs, for ``train__epochs``) or ``full``
+  (every layer, from the probe, on raw examples, for ``train__epochs``; see ``training/finetune.py``);
+- ``optim__lr`` and ``optim__weight_decay`` (log scale): AdamW's, only when fine-tuning. A linear
+  probe's L2 strength is not searched: each probe trial picks it by cross-validation
+  (``training.trainer.select_probe``), which one trial does in seconds where the sampler needed
+  several trials;
 - ``prune__method``: ``none``, ``structured`` (conv channels, then ``prune__recovery_epochs`` of
   fine-tuning; for transformers ``prune__target`` picks whole layers, keeping the first ones, or
   attention heads and MLP width, then recovery) or ``unstructured`` (magnitude; a size option only),
@@ -16,30 +19,47 @@ Conditional parameters (``train__blocks``, ``train__epochs``) are suggested only
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from lepton_automl.backbones import BackboneRegistry
-from lepton_automl.exceptions import ConfigError
-from lepton_automl.interfaces import Modality
-
-TRAIN_MODES = ("probe", "finetune")
-PRUNE_METHODS = ("none", "structured", "unstructured")
-QUANT_MODES = ("none", "int8")
+from lepton_automl.exceptions import ConfigError, did_you_mean
+from lepton_automl.interfaces import ENSEMBLE_SEP, Modality, ensemble_members
+from lepton_automl.search.config import PRUNE_METHODS, QUANT_MODES, TRAIN_MODES
 
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """What a search may try. Option names are the Optuna parameter names they bound: a tuple of
+    choices for a categorical parameter, a ``(low, high)`` range for a numeric one."""
+
     backbones: tuple[str, ...]
-    train_modes: tuple[str, ...] = TRAIN_MODES
-    quant_modes: tuple[str, ...] = QUANT_MODES
-    prune_methods: tuple[str, ...] = PRUNE_METHODS
-    prune_amount: tuple[float, float] = (0.1, 0.6)
-    max_recovery_epochs: int = 3
-    lr: tuple[float, float] = (1e-5, 1e-3)
-    weight_decay: tuple[float, float] = (1e-6, 1e-2)
-    max_epochs: int = 4
+    train__mode: tuple[str, ...] = TRAIN_MODES
+    quant__mode: tuple[str, ...] = QUANT_MODES
+    prune__method: tuple[str, ...] = PRUNE_METHODS
+    prune__amount: tuple[float, float] = (0.1, 0.6)
+    prune__recovery_epochs: tuple[int, int] = (1, 3)
+    optim__lr: tuple[float, float] = (1e-5, 1e-3)  # partial fine-tuning; full uses Modality.finetune_lr
+    optim__weight_decay: tuple[float, float] = (1e-6, 1e-2)
+    train__epochs: tuple[int, int] = (1, 4)
+    # Concatenated-features ensembles ("a+b"): probes over several frozen backbones at once.
+    ensembles: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, *, backbones: Sequence[str], options: Mapping[str, Any] | None = None,
+                     ensembles: Sequence[str] = ()) -> SearchSpace:
+        """Build from user options; an unknown option is an error naming the valid ones."""
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls) if f.name not in ("backbones", "ensembles")]
+        for key in options:
+            if key not in valid:
+                raise ConfigError(f"Unknown search-space option {key!r}.{did_you_mean(key, valid)} "
+                                  f"Valid: {', '.join(valid)}.")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return cls(backbones=tuple(backbones), ensembles=tuple(ensembles), **values)
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -47,62 +67,86 @@ class SearchSpace:
                 "No backbone is available for this search. List them with "
                 "`lepton registry list --pretrained`, or pass --untrained to allow random weights."
             )
-        bad = set(self.train_modes) - set(TRAIN_MODES)
-        if bad:
-            raise ConfigError(f"Unknown train modes {sorted(bad)}; valid: {TRAIN_MODES}.")
-        bad = set(self.quant_modes) - set(QUANT_MODES)
-        if bad:
-            raise ConfigError(f"Unknown quantization modes {sorted(bad)}; valid: {QUANT_MODES}.")
+        for name, valid in (("train__mode", TRAIN_MODES), ("quant__mode", QUANT_MODES),
+                            ("prune__method", PRUNE_METHODS)):
+            bad = set(getattr(self, name)) - set(valid)
+            if bad:
+                raise ConfigError(f"Unknown {name} choices {sorted(bad)}; valid: {', '.join(valid)}.")
 
 
 def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: BackboneRegistry) -> dict[str, Any]:
     """Draw one configuration from ``space`` on ``trial``."""
-    params: dict[str, Any] = {"backbone": trial.suggest_categorical("backbone", list(space.backbones))}
-    card = registry.get(params["backbone"])
+    params: dict[str, Any] = {"backbone": trial.suggest_categorical("backbone",
+                                                                     [*space.backbones, *space.ensembles])}
+    ensemble = ENSEMBLE_SEP in params["backbone"]
+    card = registry.get(ensemble_members(params["backbone"])[0])
     params.update(modality.suggest(trial, card))
-    modes = list(space.train_modes) if modality.max_finetune_blocks(card) > 0 else ["probe"]
-    params["train__mode"] = trial.suggest_categorical("train__mode", list(space.train_modes))
-    if params["train__mode"] not in modes:
+    modes = list(space.train__mode) if modality.max_finetune_blocks(card) > 0 else ["probe", "full"]
+    params["train__mode"] = trial.suggest_categorical("train__mode", list(space.train__mode))
+    if params["train__mode"] not in modes or ensemble:  # an ensemble of frozen trunks is a probe
         params["train__mode"] = "probe"
     if params["train__mode"] == "finetune":
         params["train__blocks"] = trial.suggest_int("train__blocks", 1, modality.max_finetune_blocks(card))
-        params["train__epochs"] = trial.suggest_int("train__epochs", 1, space.max_epochs)
-        params["optim__lr"] = trial.suggest_float("optim__lr", *space.lr, log=True)
-    params["optim__weight_decay"] = trial.suggest_float("optim__weight_decay", *space.weight_decay, log=True)
-    params["prune__method"] = trial.suggest_categorical("prune__method", list(space.prune_methods))
+    if params["train__mode"] in ("finetune", "full"):
+        params["train__epochs"] = trial.suggest_int("train__epochs", *space.train__epochs)
+        lr = space.optim__lr if params["train__mode"] == "finetune" else modality.finetune_lr
+        params["optim__lr"] = trial.suggest_float("optim__lr", *lr, log=True)
+        params["optim__weight_decay"] = trial.suggest_float("optim__weight_decay", *space.optim__weight_decay,
+                                                            log=True)
+    params["prune__method"] = "none" if ensemble else trial.suggest_categorical("prune__method",
+                                                                                list(space.prune__method))
     if params["prune__method"] != "none":
-        params["prune__amount"] = trial.suggest_float("prune__amount", *space.prune_amount)
+        params["prune__amount"] = trial.suggest_float("prune__amount", *space.prune__amount)
     if params["prune__method"] == "structured" and modality.structured_pruning == "layers":
         # transformers: keep the first layers (no training), or cut heads and MLP width (then recover)
         params["prune__target"] = trial.suggest_categorical("prune__target", ["layers", "width"])
     if params["prune__method"] == "structured" and (modality.structured_pruning == "channels"
                                                     or params.get("prune__target") == "width"):
-        params["prune__recovery_epochs"] = trial.suggest_int("prune__recovery_epochs", 1, space.max_recovery_epochs)
-    params["quant__mode"] = trial.suggest_categorical("quant__mode", list(space.quant_modes))
+        params["prune__recovery_epochs"] = trial.suggest_int("prune__recovery_epochs", *space.prune__recovery_epochs)
+    params["quant__mode"] = trial.suggest_categorical("quant__mode", list(space.quant__mode))
     return params
+
+
+def ensemble_of(names: Sequence[str], modality: Modality, registry: BackboneRegistry) -> list[str]:
+    """The concatenated-features ensemble worth offering: every backbone whose preprocessing at its
+    default parameters equals the smallest backbone's (one shared input), when there are two or more."""
+    cards = sorted((registry.get(n) for n in names), key=lambda c: c.params_m or 0.0)
+    if len(cards) < 2:
+        return []
+    params = modality.default_params(cards[0])
+    base = modality.preprocessing(cards[0], registry, params=params)
+    same = [c.name for c in cards if modality.preprocessing(c, registry, params=params) == base]
+    return [ENSEMBLE_SEP.join(same)] if len(same) >= 2 else []
 
 
 def warm_start_configs(
     space: SearchSpace, modality: Modality, registry: BackboneRegistry, variants: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Known-good first trials: a linear probe on the smallest backbone, fp32 and int8, at a few
-    input sizes. A probe on pretrained features is the strongest cheap baseline in transfer learning
-    (Kornblith et al., "Do Better ImageNet Models Transfer Better?", CVPR 2019)."""
+    """Known-good first trials: a linear probe on the smallest backbone, fp32 and int8, at a few input
+    sizes (a probe on pretrained features is the strongest cheap baseline in transfer learning:
+    Kornblith et al., "Do Better ImageNet Models Transfer Better?", CVPR 2019); one full fine-tuning
+    from the probe; every other backbone's probe; then the concatenated-features ensemble, which reuses
+    the features those probes cached."""
     cards = sorted((registry.get(b) for b in space.backbones), key=lambda c: c.params_m or 0.0)
     card = cards[0]
     out = []
     for i, variant in enumerate(variants):
         for quant in (("none", "int8") if i == 0 else ("int8",)):
-            if quant not in space.quant_modes:
+            if quant not in space.quant__mode:
                 continue
-            out.append(
-                {
-                    "backbone": card.name,
-                    **variant,
-                    "train__mode": "probe",
-                    "optim__weight_decay": 1e-4,
-                    "prune__method": "none",
-                    "quant__mode": quant,
-                }
-            )
+            out.append({"backbone": card.name, **variant, "train__mode": "probe", "prune__method": "none",
+                        "quant__mode": quant})
+    if "full" in space.train__mode:
+        # On data unlike the backbone's pretraining, fine-tuning every layer is what a frozen trunk
+        # cannot match; the modality picks an input size that fits a CPU budget.
+        low, high = modality.finetune_lr
+        out.append({"backbone": card.name, **modality.full_finetune_variant(card), "train__mode": "full",
+                    "train__epochs": min(3, space.train__epochs[1]), "optim__lr": math.sqrt(low * high),
+                    "optim__weight_decay": 0.01, "prune__method": "none", "quant__mode": "none"})
+    for other in cards[1:]:
+        out.append({"backbone": other.name, **modality.default_params(other), "train__mode": "probe",
+                    "prune__method": "none", "quant__mode": "none"})
+    for name in space.ensembles:
+        out.append({"backbone": name, **modality.default_params(card), "train__mode": "probe",
+                    "prune__method": "none", "quant__mode": "none"})
     return out

@@ -61,6 +61,91 @@ def cross_validated_probe_accuracy(
     return correct / len(labels)
 
 
+# L2 strengths the probe chooses from by cross-validation (lambda in mean CE + lambda/2 ||W||^2 on
+# standardised features; sklearn's C is 1 / (lambda * n)). The hand-written probes of the search-quality
+# issue picked C in 0.001..1 on about 1,000 examples, i.e. lambda 1e-3..1: features of a frozen
+# ImageNet or sentence encoder are strongly correlated and need far more regularisation than the
+# 1e-6..1e-2 range the search used to sample (four trials of the same trunk read 0.630-0.683).
+PROBE_L2_GRID = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    head: nn.Sequential  # fit on all the features given, at the chosen strength
+    cv_accuracy: float  # out-of-fold accuracy at the chosen strength
+    l2: float
+    cv_by_l2: dict[float, float]
+
+
+def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, seed: int,
+                 class_weights: tuple[float, ...] | None = None, grid: Sequence[float] = PROBE_L2_GRID,
+                 folds: int = 5) -> ProbeFit:
+    """Pick the probe's L2 strength by stratified ``folds``-fold cross-validation, then fit on everything.
+
+    One call replaces a search over the strength: along the grid (strongest first) each fit starts
+    from the previous solution (a regularisation path) and runs 25 L-BFGS iterations: on the glyph
+    benchmark (1,280 x 1,280 features) 5 folds x 6 strengths took about 4 s on 1 core, where 100
+    iterations took 18 s for the same choice and test accuracy within 0.5 points. Ties go to the
+    stronger regularisation.
+    """
+    x = np.array(features, dtype=np.float32)  # copies: cached arrays are read-only memory maps
+    labels = np.array(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    for label in range(num_classes):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        fold_of[idx] = (np.arange(len(idx)) + int(rng.integers(folds))) % folds
+    weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+    correct = {float(l2): 0 for l2 in grid}
+    for k in range(folds):
+        train, held = fold_of != k, fold_of == k
+        if not held.any() or not train.any():
+            continue
+        mean, std = _scale(x[train])
+        z_train = torch.from_numpy((x[train] - mean) / std)
+        z_held = torch.from_numpy((x[held] - mean) / std)
+        y_train = torch.from_numpy(labels[train])
+        linear = nn.Linear(x.shape[1], num_classes)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        for l2 in grid:
+            _lbfgs(linear, z_train, y_train, l2=float(l2), weights=weights)
+            with torch.no_grad():
+                correct[float(l2)] += int((linear(z_held).argmax(1).numpy() == labels[held]).sum())
+    by_l2 = {l2: c / len(labels) for l2, c in correct.items()}
+    best = max(by_l2, key=lambda l2: (round(by_l2[l2], 9), l2))
+    head = make_head(x, num_classes, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        z = head[0](torch.from_numpy(x))
+    nn.init.zeros_(head[1].weight)
+    nn.init.zeros_(head[1].bias)
+    for l2 in [g for g in grid if g >= best]:  # the same path up to the chosen strength
+        _lbfgs(head[1], z, torch.from_numpy(labels), l2=float(l2), weights=weights)
+    head.eval()
+    return ProbeFit(head=head, cv_accuracy=by_l2[best], l2=best, cv_by_l2=by_l2)
+
+
+def _scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = x.mean(0), x.std(0)
+    return mean, np.maximum(std, max(float(np.median(std)), 1e-6)).astype(np.float32)
+
+
+def _lbfgs(linear: nn.Linear, z: torch.Tensor, y: torch.Tensor, *, l2: float, weights: torch.Tensor | None,
+           iters: int = 25) -> None:
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=iters, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(linear(z), y, weight=weights) + 0.5 * l2 * linear.weight.pow(2).sum()
+        _check(loss)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
 @torch.no_grad()
 def fold_standardize(head: nn.Sequential) -> None:
     """Fold ``Standardize`` into the following ``Linear`` (in place), leaving an identity in its slot.

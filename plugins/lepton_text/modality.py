@@ -98,6 +98,7 @@ class TextModality(Modality):
     tasks = ("classification",)
     description = "Text tables (CSV/TSV/JSONL/Parquet, datasets) with transformers encoders"
     structured_pruning = "layers"  # transformer: drop whole layers (keep the first), or heads + MLP width
+    finetune_lr = (2e-5, 1.5e-4)  # the usual BERT fine-tuning range (Devlin et al., 2019, appendix A.3)
 
     def __init__(self) -> None:
         self._tokenizers: dict[str, Any] = {}

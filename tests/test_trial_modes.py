@@ -1,0 +1,88 @@
+"""Trial modes beyond the single probe: concatenated-features ensembles, full fine-tuning with a
+predicted wall time, and the typed configuration that refuses misspelt keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_automl.backbones import BackboneRegistry
+from lepton_automl.exceptions import ConfigError
+from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_model
+from lepton_automl.search.config import TrialConfig
+from lepton_automl.search.early_stopping import TrialStopped
+from lepton_automl.search.space import SearchSpace, ensemble_of, warm_start_configs
+from lepton_image import ImageModality
+from tests.test_pruning_in_search import _runner, _tiny_text_runner
+from lepton_text import TextModality
+
+ENSEMBLE = "efficientnet_lite0+efficientnet_lite1"
+
+
+def test_misspelt_configuration_keys_are_errors_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="'quant_mode'.*Did you mean 'quant__mode'"):
+        TrialConfig.from_params({"backbone": "efficientnet_lite0", "quant_mode": "int8"})
+    with pytest.raises(ConfigError, match="quant__mode='int4' is not valid"):
+        TrialConfig.from_params({"backbone": "efficientnet_lite0", "quant__mode": "int4"})
+    with pytest.raises(ConfigError, match="Unknown search-space option 'lr'.*Did you mean 'optim__lr'"):
+        SearchSpace.from_options(backbones=["efficientnet_lite0"], options={"lr": (1e-4, 1e-3)})
+    config = TrialConfig.from_params({"backbone": "b", "data__image_size": 96, "train__mode": "full",
+                                      "train__epochs": 2, "optim__lr": 1e-4})
+    assert config.train.mode == "full" and config.data == {"data__image_size": 96}
+    assert TrialConfig.from_params(config.to_params()) == config
+
+
+def test_the_image_backbones_form_one_ensemble_offered_after_their_probes() -> None:
+    registry, modality = BackboneRegistry(), ImageModality()
+    names = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert ensemble_of(names, modality, registry) == ["+".join(names)]
+    assert ensemble_of(names[:1], modality, registry) == []
+    space = SearchSpace.from_options(backbones=names, ensembles=ensemble_of(names, modality, registry))
+    configs = warm_start_configs(space, modality, registry, modality.warm_start_variants(registry.get(names[0])))
+    order = [c["backbone"] for c in configs]
+    assert order[-1] == "+".join(names) and {"efficientnet_lite1", "efficientnet_lite2"} <= set(order[:-1])
+    assert any(c["train__mode"] == "full" for c in configs)
+
+
+def test_an_ensemble_trial_exports_one_model_that_serves_what_it_measured(image_folder, tmp_path) -> None:
+    modality = ImageModality()
+    runner = _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path, "efficientnet_lite0")
+    base = {"data__image_size": 64, "train__mode": "probe", "prune__method": "none", "quant__mode": "none"}
+    single = runner.evaluate({"backbone": "efficientnet_lite0", **base}, trial_dir=tmp_path / "one", seed=0)
+    both = runner.evaluate({"backbone": ENSEMBLE, **base}, trial_dir=tmp_path / "two", seed=0)
+    assert both.extra["cache_hit"] is False  # lite1 was never extracted before
+    assert both.params_m > single.params_m and both.extra["gmacs"] > single.extra["gmacs"]
+    assert len(load_metadata(tmp_path / "two")["members"]) == 2
+    test = runner.splits.test
+    served = Predictor(tmp_path / "two").logits(list(test.examples))
+    assert float((served.argmax(1) == test.labels).mean()) == pytest.approx(both.test_accuracy)
+    feeds = modality.encode(list(test.examples), preprocessing=Predictor(tmp_path / "two").preprocessing)
+    with torch.no_grad():
+        rebuilt = rebuild_model(tmp_path / "two")(torch.from_numpy(feeds["pixel_values"])).numpy()
+    np.testing.assert_allclose(served, rebuilt, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ConfigError, match="ensemble of frozen trunks"):
+        runner.evaluate({"backbone": ENSEMBLE, **base, "train__mode": "full", "train__epochs": 1,
+                         "optim__lr": 1e-4}, trial_dir=tmp_path / "bad", seed=0)
+
+
+def test_full_fine_tuning_predicts_its_time_and_serves_what_it_measured(text_csv, tiny_bert_dir, tmp_path) -> None:
+    runner = _tiny_text_runner(TextModality(), text_csv, tiny_bert_dir, tmp_path)
+    params = {"backbone": "tiny", "data__max_length": 32, "train__mode": "full", "train__epochs": 2,
+              "optim__lr": 1e-3, "optim__weight_decay": 0.01, "prune__method": "none", "quant__mode": "none"}
+    result = runner.evaluate(params, trial_dir=tmp_path / "full", seed=0)
+    extra = result.extra
+    assert extra["epochs_run"] == 2 and 1 <= extra["best_epoch"] <= 2 and len(extra["validation_curve"]) == 2
+    assert extra["predicted_epoch_s"] > 0 and extra["measured_epoch_s"] > 0 and extra["train_cost_ratio"] > 0
+    assert result.accuracy == pytest.approx(max(extra["validation_curve"]))  # the best epoch was kept
+    validation = runner.splits.validation
+    served = Predictor(tmp_path / "full").logits(list(validation.examples))
+    assert float((served.argmax(1) == validation.labels).mean()) == pytest.approx(result.accuracy)
+    # A configuration predicted to outlast the time the trial has is not started: here the study
+    # measured earlier fine-tuning at a million forward passes per example.
+    runner.trial_timeout, runner.train_cost_ratio = 60.0, 1e6
+    with pytest.raises(TrialStopped, match="not started"):
+        runner.evaluate(params, trial_dir=tmp_path / "late", seed=0)
+    assert not (tmp_path / "late").exists()
