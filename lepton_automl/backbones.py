@@ -22,7 +22,7 @@ from lepton_automl.plugins import BACKBONES, SOURCES, PluginRegistry
 
 logger = get_logger(__name__)
 
-SCHEMES = ("timm", "hf-hub", "local-dir", "build-fn")
+SCHEMES = ("timm", "hf-hub", "local-dir", "build-fn", "lexical")
 
 
 @dataclass(frozen=True)

@@ -213,3 +213,16 @@ def test_hypervolume_of_a_known_front() -> None:
     front = [(0.5, 1.0), (0.9, 10.0)]
     assert hypervolume(front, ref_latency_ms=100.0) == pytest.approx(1.4)
     assert hypervolume(front + [(0.4, 5.0), (0.95, 200.0)], ref_latency_ms=100.0) == pytest.approx(1.4)
+
+
+def test_a_finished_configuration_is_not_run_again(image_folder, tmp_path) -> None:
+    kwargs = dict(backbones=["efficientnet_lite0"], run_root=tmp_path, warm_start=False, seed=0,
+                  space_options={"train__mode": ("probe",), "prune__method": ("none",), "quant__mode": ("none",)})
+    first = search(image_folder, n_trials=1, **kwargs)
+    done = first.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))[0]
+    first.study.enqueue_trial(dict(done.params))
+    again = search(image_folder, n_trials=2, **kwargs)
+    repeat = again.study.trials[-1]
+    assert repeat.state == optuna.trial.TrialState.PRUNED
+    assert repeat.user_attrs["early_stop_reason"] == f"same configuration as trial {done.number}"
+    assert again.stopped == [(repeat.number, f"same configuration as trial {done.number}")]

@@ -86,3 +86,21 @@ def test_full_fine_tuning_predicts_its_time_and_serves_what_it_measured(text_csv
     with pytest.raises(TrialStopped, match="not started"):
         runner.evaluate(params, trial_dir=tmp_path / "late", seed=0)
     assert not (tmp_path / "late").exists()
+
+
+def test_lexical_ngrams_join_a_transformer_in_one_exported_ensemble(text_csv, tiny_bert_dir, tmp_path) -> None:
+    from lepton_automl.backbones import BackboneCard
+
+    modality = TextModality()
+    runner = _tiny_text_runner(modality, text_csv, tiny_bert_dir, tmp_path)
+    runner.registry.register(BackboneCard(name="ngrams", ref="lexical:hashed-ngrams", modality="text",
+                                          weights=f"local-dir:{tiny_bert_dir}", build_kwargs={"buckets": 256}))
+    assert ensemble_of(["ngrams", "tiny"], modality, runner.registry) == ["tiny+ngrams"]
+    base = {"data__max_length": 32, "train__mode": "probe", "prune__method": "none", "quant__mode": "none"}
+    lexical = runner.evaluate({"backbone": "ngrams", **base}, trial_dir=tmp_path / "ngrams", seed=0)
+    both = runner.evaluate({"backbone": "tiny+ngrams", **base}, trial_dir=tmp_path / "both", seed=0)
+    assert lexical.params_m * 1e6 == 256 * 3 + 3 and lexical.accuracy >= 0.8  # the head alone; disjoint topic words
+    test = runner.splits.test
+    for folder, result in (("ngrams", lexical), ("both", both)):
+        served = Predictor(tmp_path / folder).logits(list(test.examples))
+        assert float((served.argmax(1) == test.labels).mean()) == pytest.approx(result.test_accuracy)

@@ -178,8 +178,7 @@ def search(
     if warm_start and not study.trials:
         configs = (_configs_from_study(warm_start_from, storage, names) if warm_start_from else
                    warm_start_configs(space, mod, registry,
-                                      mod.warm_start_variants(registry.get(min(
-                                          names, key=lambda n: registry.get(n).params_m or 0.0)))))
+                                      mod.warm_start_variants(registry.get(names[0]))))
         for config in configs:
             study.enqueue_trial(config, skip_if_exists=True)
         logger.info("warm start: %d configurations enqueued%s", len(configs),

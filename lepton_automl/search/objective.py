@@ -134,6 +134,16 @@ class TrialRunner:
         import optuna
 
         params = suggest(trial, self.space, self.modality, self.registry)
+        # The configuration that runs (suggest may override what the sampler drew: an ensemble is a
+        # probe). A probe picks its own regularisation, so samplers often draw a finished
+        # configuration again; it would measure the same numbers, so it is not run twice.
+        config = {k: params[k] for k in sorted(params)}
+        trial.set_user_attr("config", config)
+        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                    optuna.trial.TrialState.RUNNING)):
+            if other.number != trial.number and other.user_attrs.get("config") == config:
+                trial.set_user_attr("early_stop_reason", f"same configuration as trial {other.number}")
+                raise optuna.TrialPruned(f"same configuration as trial {other.number}")
         ratios = [t.user_attrs["train_cost_ratio"] for t in trial.study.get_trials(deepcopy=False)
                   if t.user_attrs.get("train_cost_ratio")]
         self.train_cost_ratio = float(np.median(ratios)) if ratios else None

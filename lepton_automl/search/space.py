@@ -82,8 +82,9 @@ def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: Backbo
     card = registry.get(ensemble_members(params["backbone"])[0])
     params.update(modality.suggest(trial, card))
     modes = list(space.train__mode) if modality.max_finetune_blocks(card) > 0 else ["probe", "full"]
+    fixed = ensemble or not modality.can_fine_tune(card)  # frozen trunks, or nothing to train: a probe
     params["train__mode"] = trial.suggest_categorical("train__mode", list(space.train__mode))
-    if params["train__mode"] not in modes or ensemble:  # an ensemble of frozen trunks is a probe
+    if params["train__mode"] not in modes or fixed:
         params["train__mode"] = "probe"
     if params["train__mode"] == "finetune":
         params["train__blocks"] = trial.suggest_int("train__blocks", 1, modality.max_finetune_blocks(card))
@@ -93,8 +94,8 @@ def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: Backbo
         params["optim__lr"] = trial.suggest_float("optim__lr", *lr, log=True)
         params["optim__weight_decay"] = trial.suggest_float("optim__weight_decay", *space.optim__weight_decay,
                                                             log=True)
-    params["prune__method"] = "none" if ensemble else trial.suggest_categorical("prune__method",
-                                                                                list(space.prune__method))
+    params["prune__method"] = "none" if fixed else trial.suggest_categorical("prune__method",
+                                                                             list(space.prune__method))
     if params["prune__method"] != "none":
         params["prune__amount"] = trial.suggest_float("prune__amount", *space.prune__amount)
     if params["prune__method"] == "structured" and modality.structured_pruning == "layers":
@@ -110,7 +111,7 @@ def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: Backbo
 def ensemble_of(names: Sequence[str], modality: Modality, registry: BackboneRegistry) -> list[str]:
     """The concatenated-features ensemble worth offering: every backbone whose preprocessing at its
     default parameters equals the smallest backbone's (one shared input), when there are two or more."""
-    cards = sorted((registry.get(n) for n in names), key=lambda c: c.params_m or 0.0)
+    cards = sorted((registry.get(n) for n in names), key=lambda c: (not modality.can_fine_tune(c), c.params_m or 0.0))
     if len(cards) < 2:
         return []
     params = modality.default_params(cards[0])
@@ -127,8 +128,9 @@ def warm_start_configs(
     Kornblith et al., "Do Better ImageNet Models Transfer Better?", CVPR 2019); one full fine-tuning
     from the probe; every other backbone's probe; then the concatenated-features ensemble, which reuses
     the features those probes cached."""
-    cards = sorted((registry.get(b) for b in space.backbones), key=lambda c: c.params_m or 0.0)
-    card = cards[0]
+    cards = sorted((registry.get(b) for b in space.backbones),
+                   key=lambda c: (not modality.can_fine_tune(c), c.params_m or 0.0))
+    card = cards[0]  # the smallest trainable backbone
     out = []
     for i, variant in enumerate(variants):
         for quant in (("none", "int8") if i == 0 else ("int8",)):
@@ -136,7 +138,7 @@ def warm_start_configs(
                 continue
             out.append({"backbone": card.name, **variant, "train__mode": "probe", "prune__method": "none",
                         "quant__mode": quant})
-    if "full" in space.train__mode:
+    if "full" in space.train__mode and modality.can_fine_tune(card):
         # On data unlike the backbone's pretraining, fine-tuning every layer is what a frozen trunk
         # cannot match; the modality picks an input size that fits a CPU budget.
         low, high = modality.finetune_lr

@@ -149,7 +149,10 @@ class TextModality(Modality):
 
     # -- model -----------------------------------------------------------------------------
     def max_finetune_blocks(self, card: BackboneCard) -> int:
-        return 2
+        return 2 if self.can_fine_tune(card) else 0
+
+    def can_fine_tune(self, card: BackboneCard) -> bool:
+        return card.scheme != "lexical"  # fixed n-gram features: nothing to train, prune or cut
 
     def build(
         self,
@@ -162,6 +165,8 @@ class TextModality(Modality):
     ) -> ModelParts:
         model = registry.load(card, pretrained=pretrained)
         model.eval()
+        if not self.can_fine_tune(card):
+            return ModelParts(trunk=model, tail=nn.Identity(), feature_dim=int(model.buckets))
         if params.get("prune__method") == "structured" and params.get("prune__target", "layers") == "layers":
             # Keep the first layers: the embeddings and lower layers carry most of what a linear
             # probe uses, and it gives a single backbone a range of latencies.

@@ -95,6 +95,8 @@ def transformers_path(card: BackboneCard) -> str:
         path = _pip_path(card.weights[8:])
         if path is not None:
             return str(path)
+    if card.weights and card.weights.startswith("local-dir:"):  # e.g. a lexical card's tokenizer
+        return str(Path(card.weights[10:]).expanduser())
     return card.target
 
 

@@ -1,0 +1,106 @@
+"""Search-quality benchmark: a default ``lepton search`` at ``--timeout 600`` on a set, against the hand probe.
+
+For each set: run the search as a user would (default settings, a fresh study and feature cache), then
+record the trials, the median wall time of probe trials, the longest trial, the front, and the test
+accuracy of the front's best-validation point (never the best test number). The hand-written baseline
+comes from ``benchmarks/hand_probe.py`` (run it first; its JSON is read). Writes one entry per set into
+``benchmarks/results/search_quality.json`` and a plot of best validation/test accuracy over wall time.
+
+    python benchmarks/build_glyph_images.py && python benchmarks/hand_probe.py --data benchmarks/data/glyphs \\
+        --out benchmarks/results/hand_probe_glyphs.json
+    python benchmarks/search_quality.py --data benchmarks/data/glyphs --set glyphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from lepton_automl.search.engine import quiet_optuna, search
+
+HERE = Path(__file__).parent
+OUT = HERE / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--set", required=True, help="name of the set in the results file")
+    parser.add_argument("--budget", type=float, default=600.0)
+    args = parser.parse_args()
+    quiet_optuna()
+    work = Path(tempfile.mkdtemp(prefix="lepton-quality-"))
+    start = time.time()
+    outcome = search(args.data, run_root=work, n_trials=10_000, timeout=args.budget, seed=0)
+    wall = time.time() - start
+    study = outcome.study
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    durations = {t.number: (t.datetime_complete - t.datetime_start).total_seconds()
+                 for t in trials if t.datetime_complete and t.datetime_start}
+    probes = [durations[t.number] for t in done if t.params.get("train__mode", "probe") == "probe"
+              and t.params.get("prune__method", "none") == "none" and t.number in durations]
+    front = sorted(outcome.front, key=lambda r: r.latency_ms)
+    best = max(front, key=lambda r: (r.accuracy, -r.latency_ms))
+    hand = json.loads((OUT / f"hand_probe_{args.set}.json").read_text())
+    # best validation (and that point's test) accuracy over wall time, trial by trial
+    t0 = min(t.datetime_start for t in trials if t.datetime_start)
+    curve, best_val, best_test = [], -1.0, None
+    for t in sorted(done, key=lambda t: t.datetime_complete):
+        if t.values[0] > best_val and all(v <= 0 for v in t.constraints.values()):
+            best_val, best_test = t.values[0], t.user_attrs.get("test_accuracy")
+        curve.append([(t.datetime_complete - t0).total_seconds(), best_val, best_test])
+    entry = {
+        "set": args.set, "modality": study.user_attrs.get("modality"), "budget_s": args.budget,
+        "wall_s": round(wall, 1), "trials": len(done), "trials_started": len(trials),
+        "states": {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState},
+        "median_probe_trial_s": round(float(np.median(probes)), 2) if probes else None,
+        "max_trial_s": round(max(durations.values()), 1) if durations else None,
+        "best_val_accuracy": best.accuracy, "best_test_accuracy": best.test_accuracy,
+        "best_params": best.params, "best_latency_ms": best.latency_ms,
+        "baseline_test_accuracy": hand["test_accuracy"], "baseline_val_accuracy": hand["val_accuracy"],
+        "front": [[r.accuracy, r.test_accuracy, r.latency_ms] for r in front],
+        "curve": curve, "machine": f"{platform.processor() or platform.machine()}, 2 cores",
+        "failed": outcome.failed, "stopped": outcome.stopped,
+        "trial_seconds": {str(k): round(v, 1) for k, v in durations.items()},
+        "trial_params": {str(t.number): t.params for t in trials},
+    }
+    path = OUT / "search_quality.json"
+    results = json.loads(path.read_text()) if path.is_file() else []
+    results = [r for r in results if r["set"] != args.set] + [entry]
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: v for k, v in entry.items() if k not in ("curve", "trial_seconds", "trial_params")},
+                     indent=2, default=str))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [c[0] for c in curve]
+        ax.step(xs, [c[1] for c in curve], where="post", label="Lepton: best validation accuracy")
+        ax.step(xs, [c[2] if c[2] is not None else np.nan for c in curve], where="post",
+                label="Lepton: that point's test accuracy")
+        ax.axhline(hand["test_accuracy"], color="gray", linestyle="--", label="hand probe: test accuracy")
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{args.set}: --timeout {args.budget:.0f}, 2 cores")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(OUT / f"search_quality_{args.set}.png", dpi=120)
+    except ImportError:
+        print("matplotlib is missing (pip install -e '.[bench]'): no plot")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
