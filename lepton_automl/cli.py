@@ -124,7 +124,9 @@ def search(
     strict: bool = typer.Option(False, "--strict", help="Treat every data fix as an error."),
     backbone: Optional[list[str]] = typer.Option(None, help="Restrict to these backbones (repeatable)."),
     n_trials: int = typer.Option(30, help="Finished trials the study should hold (a rerun resumes)."),
-    timeout: Optional[float] = typer.Option(360.0, help="Stop starting new trials after this many seconds."),
+    timeout: Optional[float] = typer.Option(360.0, help="Search budget in seconds: no trial starts after it, a "
+                                            "running one is stopped a minute past it, and no trial may use "
+                                            "more than a quarter of it."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
     study_name: Optional[str] = typer.Option(None, help="Study name (default: MODALITY-DATANAME)."),
     sampler: str = typer.Option("tpe", help="tpe, nsga2 or random."),

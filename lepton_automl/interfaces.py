@@ -133,7 +133,7 @@ class Modality(ABC):
 
     @abstractmethod
     def default_params(self, card: BackboneCard) -> dict[str, Any]:
-        """The parameters ``suggest`` would pick for a sensible default (used by the facade)."""
+        """Sensible modality parameters for ``card`` (warm-start probes, ensembles, rebuilding)."""
 
     @abstractmethod
     def build(
@@ -188,6 +188,10 @@ class Modality(ABC):
 
     def save_assets(self, directory: Any, *, preprocessing: Mapping[str, Any]) -> None:
         """Write files ``encode`` needs at predict time (a tokenizer, ...). Optional."""
+
+    def portable(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+        """``preprocessing`` as saved in an export: paths relative to the folder (optional hook)."""
+        return dict(preprocessing)
 
     def prepare(self, preprocessing: Mapping[str, Any], directory: Any) -> dict[str, Any]:
         """Adjust saved ``preprocessing`` to an export folder at load time (optional hook)."""

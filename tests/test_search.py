@@ -113,6 +113,13 @@ def test_text_search_end_to_end_with_a_local_model(text_csv, tiny_bert_dir, tmp_
     assert (predictor.directory / "tokenizer").is_dir()
     labels = predictor.predict(["kernel compiler thread cache", "recipe oven flour sauce"])
     assert all(label in outcome.splits.classes for label in labels)
+    # The folder is portable: no local path in lepton.json, and a copy elsewhere predicts the same.
+    import shutil
+
+    assert str(tmp_path) not in (predictor.directory / "lepton.json").read_text()
+    moved = shutil.copytree(predictor.directory, tmp_path.parent / f"{tmp_path.name}-moved")
+    shutil.rmtree(predictor.directory)
+    assert Predictor.load(moved).predict(["kernel compiler thread cache", "recipe oven flour sauce"]) == labels
 
 
 def _row(number: int, accuracy: float, latency: float):

@@ -1,1 +1,1 @@
-"""Compression: quantization of exported ONNX models (pruning arrives in issue 4)."""
+"""Compression: structured and unstructured pruning, recovery fine-tuning, and quantization of exports."""

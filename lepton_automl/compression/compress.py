@@ -182,8 +182,9 @@ def compress_export(
             to_torch_runtime(model, quant)  # fails here, not at load time, if the runtime cannot be built
             runtime_name = quant
         card = card_from_dict(meta["backbone"])
+        members = [card_from_dict(c) for c in meta["members"]] if "members" in meta else None
         save_artifact(out, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=modality, card=card,
-                      params=params, classes=meta["classes"], preprocessing=meta["preprocessing"],
+                      members=members, params=params, classes=meta["classes"], preprocessing=prep,
                       finetune_blocks=int(meta["finetune_blocks"]), metrics={}, name=meta.get("name", "Lepton model"),
                       runtime=runtime_name)
     after = measure_export(out, splits.validation, latency_input=latency_input, serving_batch=serving_batch,

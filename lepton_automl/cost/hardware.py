@@ -3,8 +3,9 @@
 cost_usd = training cost + predictions_per_month x inference cost per prediction, where
 - training cost = measured trial seconds (frozen-feature extraction included, even when it came
   from the cache, so a trial's cost does not depend on the trials before it) x $/h / 3600;
-- inference cost per prediction = measured batch-1 latency (s) x $/h / 3600 on the serving profile,
-  i.e. one instance serving requests back to back.
+- inference cost per prediction = the measured time of one batch at the serving batch size (32 by
+  default) divided by that batch size, x $/h / 3600 on the serving profile: one instance serving
+  batched requests back to back. The latency objective stays batch 1, what one request waits.
 """
 
 from __future__ import annotations

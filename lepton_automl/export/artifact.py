@@ -76,7 +76,7 @@ def save_artifact(
         **({"members": [card_to_dict(c) for c in members]} if members else {}),
         "params": dict(params),
         "classes": list(map(str, classes)),
-        "preprocessing": dict(preprocessing),
+        "preprocessing": modality.portable(preprocessing),
         "finetune_blocks": int(finetune_blocks),
         "runtime_file": runtime_file,
         "runtime": runtime,

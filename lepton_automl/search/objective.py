@@ -69,6 +69,7 @@ DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configur
 DEFAULT_TRAIN_COST_RATIO = 12.0
 # Layer-wise learning-rate decay for full fine-tuning (ELECTRA and BEiT use 0.65-0.9).
 FULL_FINETUNE_LAYER_DECAY = 0.8
+AFTER_TRAINING_S = 15.0  # what export, scoring and measurement take after the last epoch, at most
 
 
 @torch.no_grad()
@@ -97,6 +98,23 @@ def _concat_features(parts: list[CachedArrays]) -> CachedArrays:
     arrays = {split: (np.concatenate([np.asarray(p.arrays[split][0]) for p in parts], axis=1),)
               for split in parts[0].arrays}
     return CachedArrays(arrays=arrays, seconds=sum(p.seconds for p in parts), hit=all(p.hit for p in parts))
+
+
+def _epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: str, reserve: float = 0.0) -> int:
+    """How many of ``wanted`` epochs of ``per_epoch`` predicted seconds fit in the trial's remaining time,
+    keeping ``reserve`` seconds for what follows; a stage that cannot run one is not started."""
+    # Export, quantization, scoring and latency timing follow training: keep them inside the limit too
+    # (on the glyph benchmark a full fine-tuning planned to the limit finished 4 s past it).
+    left = deadline.remaining() - reserve - AFTER_TRAINING_S
+    if math.isinf(left):
+        return wanted
+    fits = min(wanted, int(0.9 * left // max(per_epoch, 1e-9)))
+    if fits < 1:
+        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch, more than the {max(left, 0.0):.0f} s "
+                           f"this trial has left for it; not started")
+    if fits < wanted:
+        logger.info("%s: %d of %d epochs (predicted %.0f s each, %.0f s left)", what, fits, wanted, per_epoch, left)
+    return fits
 
 
 @dataclass(frozen=True)
@@ -199,7 +217,8 @@ class TrialRunner:
                                          latency_input=latency_input)
         deadline.check("training")
         zeros, rebuild = self._prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
-                                     latency_input=latency_input)
+                                     latency_input=latency_input,
+                                     recovery_epoch_s=self._recovery_epoch_seconds(cached.seconds, config))
         params = {**params, **rebuild}  # what a rebuild of the architecture needs (removed heads)
         fp32, runtime = self._export(model, config, prep, trial_dir, seed)
         deadline.check("export and quantization")
@@ -345,17 +364,11 @@ class TrialRunner:
         """
         n_train = len(self.splits.train)
         forward_s = extraction_seconds / max(1, n_train + len(self.splits.validation) + len(self.splits.test))
-        ratio = self.train_cost_ratio or DEFAULT_TRAIN_COST_RATIO
-        per_epoch = ratio * forward_s * n_train
-        epochs = int(config.train.epochs)
-        left = deadline.remaining()
-        fits = epochs if math.isinf(left) else min(epochs, int(0.9 * left // max(per_epoch, 1e-9)))
-        if fits < 1:
-            raise TrialStopped(f"predicted {per_epoch:.0f} s per fine-tuning epoch, more than the "
-                               f"{deadline.remaining():.0f} s this trial has left; not started")
-        if fits < epochs:
-            logger.info("fine-tuning %d of %d epochs: predicted %.0f s each, %.0f s left", fits, epochs,
-                        per_epoch, deadline.remaining())
+        per_epoch = self._epoch_seconds(extraction_seconds)
+        # Recovery after structured pruning comes later in the same trial: keep its time free.
+        reserve = (self._recovery_epoch_seconds(extraction_seconds, config) * int(config.prune.recovery_epochs)
+                   if config.prune.method == "structured" else 0.0)
+        fits = _epochs_that_fit(int(config.train.epochs), per_epoch, deadline, reserve=reserve, what="fine-tuning")
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop else 0.0
 
         def after_epoch(epoch: int, accuracy: float | None) -> None:
@@ -376,10 +389,22 @@ class TrialRunner:
                 "best_epoch": log.best_epoch, "validation_curve": log.curve,
                 "train_cost_ratio": measured / max(forward_s * n_train, 1e-9)}
 
+    def _epoch_seconds(self, extraction_seconds: float) -> float:
+        """Predicted seconds of one epoch over the training split (training step + validation pass)."""
+        n_train = len(self.splits.train)
+        forward_s = extraction_seconds / max(1, n_train + len(self.splits.validation) + len(self.splits.test))
+        return (self.train_cost_ratio or DEFAULT_TRAIN_COST_RATIO) * forward_s * n_train
+
+    def _recovery_epoch_seconds(self, extraction_seconds: float, config: TrialConfig) -> float:
+        # Pruned channels cut both sides of a convolution; heads and MLP width one side of a projection.
+        keep = 1.0 - float(config.prune.amount)
+        return self._epoch_seconds(extraction_seconds) * (keep**2 if self.modality.structured_pruning == "channels"
+                                                          else keep)
+
     # -- 3. pruning -------------------------------------------------------------------------
     def _prune(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
                deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray],
-               ) -> tuple[float, dict[str, Any]]:
+               recovery_epoch_s: float = 0.0) -> tuple[float, dict[str, Any]]:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
         the parameters a rebuild of the pruned architecture needs."""
         prune = config.prune
@@ -387,15 +412,17 @@ class TrialRunner:
         if prune.method == "structured" and self.modality.structured_pruning == "channels":
             fold_standardize(model.head)
             example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
+            epochs = _epochs_that_fit(int(prune.recovery_epochs), recovery_epoch_s, deadline, what="pruning recovery")
             prune_structured(model, example, amount=float(prune.amount), ignored=head)
             deadline.check("pruning")
-            self._recover(model, prep, epochs=int(prune.recovery_epochs), seed=seed, deadline=deadline,
-                          stop=stop, latency_input=latency_input)
+            self._recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
+                          latency_input=latency_input)
         elif prune.method == "structured" and prune.target == "width":
+            epochs = _epochs_that_fit(int(prune.recovery_epochs), recovery_epoch_s, deadline, what="pruning recovery")
             _, heads = prune_transformer(model, amount=float(prune.amount))
             deadline.check("pruning")
-            self._recover(model, prep, epochs=int(prune.recovery_epochs), seed=seed, deadline=deadline,
-                          stop=stop, latency_input=latency_input)
+            self._recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
+                          latency_input=latency_input)
             return zero_fraction(model), {"prune__heads": heads}
         elif prune.method == "unstructured":
             prune_unstructured(model, amount=float(prune.amount), ignored=head)

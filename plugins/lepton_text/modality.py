@@ -230,6 +230,9 @@ class TextModality(Modality):
     def save_assets(self, directory: Any, *, preprocessing: Mapping[str, Any]) -> None:
         self._tokenizer(str(preprocessing["tokenizer"])).save_pretrained(Path(directory) / "tokenizer")
 
+    def portable(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+        return {**preprocessing, "tokenizer": "tokenizer"}  # saved beside the model by save_assets
+
     def prepare(self, preprocessing: Mapping[str, Any], directory: Any) -> dict[str, Any]:
         out = dict(preprocessing)
         out["tokenizer"] = str(Path(directory) / "tokenizer")
