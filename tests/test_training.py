@@ -64,3 +64,18 @@ def test_fine_tuning_is_seeded_leaves_the_global_rng_alone_and_keeps_the_best_ep
     assert len(log.curve) == 4 and log.best_epoch == int(np.argmax(log.curve)) + 1
     assert evaluate_accuracy(first, modality, splits.validation, prep) == pytest.approx(max(log.curve))
     assert not any(p.requires_grad for p in first.parameters()) and not first.training
+
+
+def test_timing_a_training_step_changes_nothing(image_folder) -> None:
+    from lepton_automl.training.finetune import time_training_step
+
+    modality = ImageModality()
+    splits = split_data(modality.load(image_folder), seed=0)
+    prep = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"}
+    torch.manual_seed(0)
+    model = _model(3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert time_training_step(model, modality, splits.train, prep, batch_size=8) > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights and batch-norm statistics unchanged"
+    assert not model.training and all(p.grad is None for p in model.parameters())

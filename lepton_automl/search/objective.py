@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -30,9 +30,9 @@ from lepton_automl.compression.pruning import prune_structured, prune_transforme
 from lepton_automl.compression.quantization import quantize_onnx
 from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.hardware import CostModel
-from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency
 from lepton_automl.cost.macs import count_macs
-from lepton_automl.data.dataset import LabelledData, Splits
+from lepton_automl.cost.measurement import measure_artifact
+from lepton_automl.data.dataset import Splits
 from lepton_automl.exceptions import ConfigError, ExportError
 from lepton_automl.export.artifact import save_artifact
 from lepton_automl.export.onnx import export_onnx
@@ -41,11 +41,13 @@ from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelPa
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
+from lepton_automl.search.budget import epochs_that_fit
 from lepton_automl.search.limits import Deadline, Limits, TrialTimeout, usefulness_floor
+from lepton_automl.search.scoring import Scores, concat_features, head_accuracy, onnx_accuracy
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, FeatureCache, cache_key
-from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune
+from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
 from lepton_automl.training.trainer import (
     ProbeFit,
     TrainConfig,
@@ -62,67 +64,8 @@ logger = get_logger(__name__)
 
 CALIBRATION_EXAMPLES = 64
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configuration names none
-# One fine-tuning epoch (forward + backward + AdamW in torch eager, then a validation pass) per training
-# example, in units of one ONNX Runtime forward pass; measured trials replace it (``train_cost_ratio``).
-# Measured on the glyph set (lite0, 96 px): 13-16 s per epoch for 960 images whose extraction took
-# 1.9 s for 1,600, i.e. about 12.
-DEFAULT_TRAIN_COST_RATIO = 12.0
 # Layer-wise learning-rate decay for full fine-tuning (ELECTRA and BEiT use 0.65-0.9).
 FULL_FINETUNE_LAYER_DECAY = 0.8
-AFTER_TRAINING_S = 15.0  # what export, scoring and measurement take after the last epoch, at most
-
-
-@torch.no_grad()
-def _torch_accuracy(head: torch.nn.Module, features: np.ndarray, labels: np.ndarray) -> float:
-    return float((head(torch.from_numpy(np.array(features, dtype=np.float32))).argmax(1).numpy() == labels).mean())
-
-
-def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
-    session = ort_session(path)
-    correct = 0
-    for start in range(0, len(data), 64):
-        feeds = modality.encode(data.examples[start : start + 64], preprocessing=preprocessing)
-        logits = session.run(["logits"], feeds)[0]
-        if not np.all(np.isfinite(logits)):
-            raise FloatingPointError("the exported model produced NaN/inf logits")
-        correct += int((logits.argmax(1) == data.labels[start : start + 64]).sum())
-    del session
-    return correct / max(1, len(data))
-
-
-def _concat_features(parts: list[CachedArrays]) -> CachedArrays:
-    """One member's trunk outputs, or several members' pooled features side by side (each cached alone,
-    so an ensemble costs no extraction once its members ran)."""
-    if len(parts) == 1:
-        return parts[0]
-    arrays = {split: (np.concatenate([np.asarray(p.arrays[split][0]) for p in parts], axis=1),)
-              for split in parts[0].arrays}
-    return CachedArrays(arrays=arrays, seconds=sum(p.seconds for p in parts), hit=all(p.hit for p in parts))
-
-
-def _epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: str, reserve: float = 0.0) -> int:
-    """How many of ``wanted`` epochs of ``per_epoch`` predicted seconds fit in the trial's remaining time,
-    keeping ``reserve`` seconds for what follows; a stage that cannot run one is not started."""
-    # Export, quantization, scoring and latency timing follow training: keep them inside the limit too
-    # (on the glyph benchmark a full fine-tuning planned to the limit finished 4 s past it).
-    left = deadline.remaining() - reserve - AFTER_TRAINING_S
-    if math.isinf(left):
-        return wanted
-    fits = min(wanted, int(0.9 * left // max(per_epoch, 1e-9)))
-    if fits < 1:
-        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch, more than the {max(left, 0.0):.0f} s "
-                           f"this trial has left for it; not started")
-    if fits < wanted:
-        logger.info("%s: %d of %d epochs (predicted %.0f s each, %.0f s left)", what, fits, wanted, per_epoch, left)
-    return fits
-
-
-@dataclass(frozen=True)
-class _Scores:
-    accuracy: float  # the objective
-    holdout: float  # validation accuracy of the artifact
-    test: float
-    cv: float | None
 
 
 @dataclass
@@ -210,15 +153,14 @@ class TrialRunner:
         prep = self._preprocessing(cards, params)
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
 
-        cached = _concat_features([self._features(c, p, prep, config) for c, p in zip(cards, member_parts)])
+        cached = concat_features([self._features(c, p, prep, config) for c, p in zip(cards, member_parts)])
         deadline.check("feature extraction")
         own_start = time.perf_counter()
         model, probe, info = self._train(config, parts, cached, prep, seed=seed, deadline=deadline, stop=stop,
                                          latency_input=latency_input)
         deadline.check("training")
         zeros, rebuild = self._prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
-                                     latency_input=latency_input,
-                                     recovery_epoch_s=self._recovery_epoch_seconds(cached.seconds, config))
+                                     latency_input=latency_input)
         params = {**params, **rebuild}  # what a rebuild of the architecture needs (removed heads)
         fp32, runtime = self._export(model, config, prep, trial_dir, seed)
         deadline.check("export and quantization")
@@ -312,7 +254,7 @@ class TrialRunner:
             # Linear probe first, then every layer from it (LP-FT: Kumar et al., "Fine-Tuning can Distort
             # Pretrained Features and Underperform Out-of-Distribution", ICLR 2022).
             info = self._fine_tune_full(model, config, prep, seed=seed, deadline=deadline, stop=stop,
-                                        latency_input=latency_input, extraction_seconds=cached.seconds)
+                                        latency_input=latency_input)
         elif config.train.mode == "finetune":
             ft = TrainConfig(lr=float(config.optim.lr), weight_decay=self._weight_decay(config),
                              epochs=int(config.train.epochs), seed=seed, class_weights=weights)
@@ -343,7 +285,7 @@ class TrialRunner:
 
         def judge(epoch: int, h: torch.nn.Module) -> bool:
             was_training = h.training
-            accuracy = _torch_accuracy(h.eval(), tail_features(parts.tail, validation), self.splits.validation.labels)
+            accuracy = head_accuracy(h.eval(), tail_features(parts.tail, validation), self.splits.validation.labels)
             h.train(was_training)
             stop(stage="fine-tuning", epoch=epoch, epochs_left=epochs - epoch + later, accuracy=accuracy,
                  gmacs=gmacs, macs_ratio=ratio)
@@ -353,22 +295,20 @@ class TrialRunner:
 
     def _fine_tune_full(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
                         deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray],
-                        extraction_seconds: float) -> dict[str, float]:
-        """Fine-tune every layer, keeping the epoch with the best validation accuracy.
-
-        Its wall time is predicted before it starts from what the trunk's feature extraction cost
-        (ONNX Runtime, forward only, every split) times the study's measured ratio of a training pass
-        to that (``train_cost_ratio`` of finished trials, ``DEFAULT_TRAIN_COST_RATIO`` before any).
-        Epochs that cannot finish inside the trial's remaining time are not started: the trial runs
-        fewer, or is stopped before training with the prediction as its reason.
-        """
-        n_train = len(self.splits.train)
-        forward_s = extraction_seconds / max(1, n_train + len(self.splits.validation) + len(self.splits.test))
-        per_epoch = self._epoch_seconds(extraction_seconds)
+                        ) -> dict[str, float]:
+        """Fine-tune every layer, keeping the epoch with the best validation accuracy. Its epochs are
+        planned from a predicted epoch time (``_epoch_seconds``); those that cannot finish inside the
+        trial's remaining time are not started."""
+        cfg = FineTuneConfig(epochs=int(config.train.epochs), lr=float(config.optim.lr),
+                             weight_decay=self._weight_decay(config), layer_decay=FULL_FINETUNE_LAYER_DECAY,
+                             seed=seed, class_weights=self._class_weights())
+        per_epoch = self._epoch_seconds(model, prep, cfg.batch_size)
         # Recovery after structured pruning comes later in the same trial: keep its time free.
-        reserve = (self._recovery_epoch_seconds(extraction_seconds, config) * int(config.prune.recovery_epochs)
+        keep = 1.0 - float(config.prune.amount)
+        reserve = (per_epoch * int(config.prune.recovery_epochs) *
+                   (keep**2 if self.modality.structured_pruning == "channels" else keep)
                    if config.prune.method == "structured" else 0.0)
-        fits = _epochs_that_fit(int(config.train.epochs), per_epoch, deadline, reserve=reserve, what="fine-tuning")
+        fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline, reserve=reserve, what="fine-tuning")
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop else 0.0
 
         def after_epoch(epoch: int, accuracy: float | None) -> None:
@@ -378,8 +318,7 @@ class TrialRunner:
             if stop is not None and accuracy is not None and epoch >= fits / 2:
                 stop(stage="fine-tuning", epoch=epoch, epochs_left=fits - epoch, accuracy=accuracy, gmacs=gmacs)
 
-        cfg = FineTuneConfig(epochs=fits, lr=float(config.optim.lr), weight_decay=self._weight_decay(config),
-                             layer_decay=FULL_FINETUNE_LAYER_DECAY, seed=seed, class_weights=self._class_weights())
+        cfg = dataclasses.replace(cfg, epochs=fits)
         begin = time.perf_counter()
         log = fine_tune(model, self.modality, self.splits.train, prep, cfg, validation=self.splits.validation,
                         after_batch=lambda epoch: deadline.check(f"fine-tuning epoch {epoch}"),
@@ -387,24 +326,20 @@ class TrialRunner:
         measured = (time.perf_counter() - begin) / max(1, len(log.seconds_per_epoch))
         return {"predicted_epoch_s": per_epoch, "measured_epoch_s": measured, "epochs_run": fits,
                 "best_epoch": log.best_epoch, "validation_curve": log.curve,
-                "train_cost_ratio": measured / max(forward_s * n_train, 1e-9)}
+                "train_cost_ratio": measured * (self.train_cost_ratio or 1.0) / max(per_epoch, 1e-9)}
 
-    def _epoch_seconds(self, extraction_seconds: float) -> float:
-        """Predicted seconds of one epoch over the training split (training step + validation pass)."""
-        n_train = len(self.splits.train)
-        forward_s = extraction_seconds / max(1, n_train + len(self.splits.validation) + len(self.splits.test))
-        return (self.train_cost_ratio or DEFAULT_TRAIN_COST_RATIO) * forward_s * n_train
-
-    def _recovery_epoch_seconds(self, extraction_seconds: float, config: TrialConfig) -> float:
-        # Pruned channels cut both sides of a convolution; heads and MLP width one side of a projection.
-        keep = 1.0 - float(config.prune.amount)
-        return self._epoch_seconds(extraction_seconds) * (keep**2 if self.modality.structured_pruning == "channels"
-                                                          else keep)
+    def _epoch_seconds(self, model: torch.nn.Module, prep: Mapping[str, Any], batch_size: int = 32) -> float:
+        """Predicted seconds of one training epoch and validation pass: a timed training step times the
+        steps (a forward is about a third of a step), scaled by what this study's finished trials
+        measured against such predictions (``train_cost_ratio``; the optimizer step is not timed)."""
+        step_s = time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size)
+        steps = -(-len(self.splits.train) // batch_size) + -(-len(self.splits.validation) // batch_size) / 3.0
+        return step_s * steps * (self.train_cost_ratio or 1.0)
 
     # -- 3. pruning -------------------------------------------------------------------------
     def _prune(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
                deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray],
-               recovery_epoch_s: float = 0.0) -> tuple[float, dict[str, Any]]:
+               ) -> tuple[float, dict[str, Any]]:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
         the parameters a rebuild of the pruned architecture needs."""
         prune = config.prune
@@ -412,15 +347,17 @@ class TrialRunner:
         if prune.method == "structured" and self.modality.structured_pruning == "channels":
             fold_standardize(model.head)
             example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
-            epochs = _epochs_that_fit(int(prune.recovery_epochs), recovery_epoch_s, deadline, what="pruning recovery")
             prune_structured(model, example, amount=float(prune.amount), ignored=head)
             deadline.check("pruning")
+            epochs = epochs_that_fit(int(prune.recovery_epochs), self._epoch_seconds(model, prep), deadline,
+                                     what="pruning recovery")
             self._recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
                           latency_input=latency_input)
         elif prune.method == "structured" and prune.target == "width":
-            epochs = _epochs_that_fit(int(prune.recovery_epochs), recovery_epoch_s, deadline, what="pruning recovery")
             _, heads = prune_transformer(model, amount=float(prune.amount))
             deadline.check("pruning")
+            epochs = epochs_that_fit(int(prune.recovery_epochs), self._epoch_seconds(model, prep), deadline,
+                                     what="pruning recovery")
             self._recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
                           latency_input=latency_input)
             return zero_fraction(model), {"prune__heads": heads}
@@ -466,7 +403,7 @@ class TrialRunner:
 
     # -- 5. scoring -------------------------------------------------------------------------
     def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, cached: CachedArrays,
-               prep: Mapping[str, Any], probe: ProbeFit | None) -> _Scores:
+               prep: Mapping[str, Any], probe: ProbeFit | None) -> Scores:
         frozen_trunk = config.train.mode != "full" and (config.prune.method == "none"
                                                         or config.drops_layers(self.modality.structured_pruning))
         if config.quant.mode == "none" and frozen_trunk:
@@ -474,7 +411,7 @@ class TrialRunner:
             # outputs (no second pass over the data), after checking on real inputs that the file
             # computes the same.
             blocks = config.finetune_blocks
-            holdout, test = (_torch_accuracy(model.head, self._head_inputs(model, cached.arrays[split], blocks),
+            holdout, test = (head_accuracy(model.head, self._head_inputs(model, cached.arrays[split], blocks),
                                              getattr(self.splits, split).labels)
                              for split in ("validation", "test"))
             self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
@@ -482,13 +419,13 @@ class TrialRunner:
             holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
             test = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
         if probe is None:
-            return _Scores(accuracy=holdout, holdout=holdout, test=test, cv=None)
+            return Scores(accuracy=holdout, holdout=holdout, test=test, cv=None)
         # A probe is judged by its cross-validated accuracy over train+validation, minus what
         # compression cost on the validation split (the artifact against the fp32 head; the head saw
         # those examples, so only the difference is meaningful).
-        fp32_holdout = _torch_accuracy(probe.head, np.asarray(cached.arrays["validation"][0]),
+        fp32_holdout = head_accuracy(probe.head, np.asarray(cached.arrays["validation"][0]),
                                        self.splits.validation.labels)
-        return _Scores(accuracy=probe.cv_accuracy + (holdout - fp32_holdout), holdout=holdout, test=test,
+        return Scores(accuracy=probe.cv_accuracy + (holdout - fp32_holdout), holdout=holdout, test=test,
                        cv=probe.cv_accuracy)
 
     @staticmethod
@@ -513,24 +450,9 @@ class TrialRunner:
     # -- 6. measurement ---------------------------------------------------------------------
     def _measure(self, model: ExportModel, runtime: Path, latency_input: Mapping[str, np.ndarray], *,
                  train_seconds: float) -> dict[str, Any]:
-        latency = measure_onnx_latency(runtime, latency_input, threads=self.threads)
-        # Throughput at the serving batch size prices inference (cost per prediction); the latency
-        # objective stays batch 1, what one request waits.
-        served = latency if self.serving_batch <= 1 else measure_onnx_latency(
-            runtime, batch_of(latency_input, self.serving_batch), threads=self.threads,
-            plan=TimingPlan(warmup=2, round_runs=5, max_seconds=2.0))
-        shipped = Path(runtime).read_bytes()
-        return {
-            "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs,
-            "latency_threads": latency.threads, "latency_device": latency.device,
-            "serving_batch": served.batch_size, "latency_serving_batch_ms": served.median_ms,
-            "throughput_per_s": served.throughput_per_s,
-            "cost_usd": self.cost.total_usd(train_seconds=train_seconds, latency_ms=1000.0 / served.throughput_per_s),
-            "gmacs": count_macs(model, latency_input, self.modality.input_names()) / 1e9,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "size_mb": len(shipped) / 2**20,  # the runtime file as written
-            "size_gz_mb": len(gzip.compress(shipped, compresslevel=6)) / 2**20,  # what --max-size-mb limits
-        }
+        return measure_artifact(runtime, latency_input, model=model, input_names=self.modality.input_names(),
+                                cost=self.cost, train_seconds=train_seconds, threads=self.threads,
+                                serving_batch=self.serving_batch)
 
     # -- inputs -----------------------------------------------------------------------------
     def latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:

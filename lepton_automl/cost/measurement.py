@@ -1,0 +1,38 @@
+"""Everything measured on a shipped artifact, in one place: latency at batch 1 (the objective, what one
+request waits), throughput at the serving batch (what prices inference), MACs and parameters (reported
+beside latency, never instead of it), file size raw and gzip-compressed, and the cost objective."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_automl.cost.hardware import CostModel
+from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency
+from lepton_automl.cost.macs import count_macs
+
+
+def measure_artifact(runtime: str | Path, latency_input: Mapping[str, np.ndarray], *, model: Any,
+                     input_names: Sequence[str], cost: CostModel, train_seconds: float,
+                     threads: int | None = None, serving_batch: int = 32) -> dict[str, Any]:
+    """Measure the ONNX file ``runtime`` (``model`` is its torch twin, for MACs and parameters)."""
+    latency = measure_onnx_latency(runtime, latency_input, threads=threads)
+    served = latency if serving_batch <= 1 else measure_onnx_latency(
+        runtime, batch_of(latency_input, serving_batch), threads=threads,
+        plan=TimingPlan(warmup=2, round_runs=5, max_seconds=2.0))
+    shipped = Path(runtime).read_bytes()
+    return {
+        "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs,
+        "latency_threads": latency.threads, "latency_device": latency.device,
+        "serving_batch": served.batch_size, "latency_serving_batch_ms": served.median_ms,
+        "throughput_per_s": served.throughput_per_s,
+        "cost_usd": cost.total_usd(train_seconds=train_seconds, latency_ms=1000.0 / served.throughput_per_s),
+        "gmacs": count_macs(model, latency_input, input_names) / 1e9,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "size_mb": len(shipped) / 2**20,  # the runtime file as written
+        "size_gz_mb": len(gzip.compress(shipped, compresslevel=6)) / 2**20,  # what --max-size-mb limits
+    }

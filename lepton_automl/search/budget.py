@@ -1,0 +1,37 @@
+"""Time a trial may spend: predicted epoch times and the number of epochs that fit.
+
+A fine-tuning or recovery epoch's wall time is predicted from one timed training step on the model
+about to train (``training.finetune.time_training_step``) times the steps, scaled by what the study's
+finished trials measured against their predictions (``train_cost_ratio``). Stages that cannot finish
+inside the trial's limit are cut short or not started, so a trial does not run into the limit
+mid-epoch when the prediction is right.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lepton_automl.log import get_logger
+from lepton_automl.search.early_stopping import TrialStopped
+from lepton_automl.search.limits import Deadline
+
+logger = get_logger(__name__)
+
+AFTER_TRAINING_S = 15.0  # what export, scoring and measurement take after the last epoch, at most
+
+
+def epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: str, reserve: float = 0.0) -> int:
+    """How many of ``wanted`` epochs of ``per_epoch`` predicted seconds fit in the trial's remaining time,
+    keeping ``reserve`` seconds for what follows; a stage that cannot run one is not started."""
+    # Export, quantization, scoring and latency timing follow training: keep them inside the limit too
+    # (on the glyph benchmark a full fine-tuning planned to the limit finished 4 s past it).
+    left = deadline.remaining() - reserve - AFTER_TRAINING_S
+    if math.isinf(left):
+        return wanted
+    fits = min(wanted, int(0.9 * left // max(per_epoch, 1e-9)))
+    if fits < 1:
+        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch, more than the {max(left, 0.0):.0f} s "
+                           f"this trial has left for it; not started")
+    if fits < wanted:
+        logger.info("%s: %d of %d epochs (predicted %.0f s each, %.0f s left)", what, fits, wanted, per_epoch, left)
+    return fits
