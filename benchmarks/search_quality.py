@@ -58,6 +58,11 @@ def main() -> None:
         if t.values[0] > best_val and all(v <= 0 for v in t.constraints.values()):
             best_val, best_test = t.values[0], t.user_attrs.get("test_accuracy")
         curve.append([(t.datetime_complete - t0).total_seconds(), best_val, best_test])
+    stage_totals: dict[str, float] = {}
+    for t in trials:
+        for stage, seconds in (t.user_attrs.get("stage_seconds") or {}).items():
+            stage_totals[stage] = stage_totals.get(stage, 0.0) + seconds
+    total_stage = sum(stage_totals.values()) or 1.0
     entry = {
         "set": args.set, "modality": study.user_attrs.get("modality"), "budget_s": args.budget,
         "wall_s": round(wall, 1), "trials": len(done), "trials_started": len(trials),
@@ -68,6 +73,8 @@ def main() -> None:
         "best_params": best.params, "best_latency_ms": best.latency_ms,
         "baseline_test_accuracy": hand["test_accuracy"], "baseline_val_accuracy": hand["val_accuracy"],
         "front": [[r.accuracy, r.test_accuracy, r.latency_ms] for r in front],
+        "stage_seconds": {k: round(v, 1) for k, v in stage_totals.items()},
+        "stage_share": {k: round(v / total_stage, 3) for k, v in stage_totals.items()},
         "curve": curve, "machine": f"{platform.processor() or platform.machine()}, 2 cores",
         "failed": outcome.failed, "stopped": outcome.stopped,
         "trial_seconds": {str(k): round(v, 1) for k, v in durations.items()},

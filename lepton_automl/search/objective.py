@@ -68,6 +68,17 @@ DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configur
 FULL_FINETUNE_LAYER_DECAY = 0.8
 
 
+class _StageClock:
+    def __init__(self, start: float) -> None:
+        self.last, self.seconds = start, {}
+
+    def done(self, stage: str) -> str:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self.last, 3)
+        self.last = now
+        return stage
+
+
 @dataclass
 class TrialRunner:
     """Callable objective for ``study.optimize``; holds the state shared by all trials of a search."""
@@ -152,27 +163,31 @@ class TrialRunner:
             feature_dim=sum(p.feature_dim for p in member_parts))
         prep = self._preprocessing(cards, params)
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
+        stages = _StageClock(start)  # wall seconds per step, kept on the trial (stage_seconds)
 
         cached = concat_features([self._features(c, p, prep, config) for c, p in zip(cards, member_parts)])
-        deadline.check("feature extraction")
+        deadline.check(stages.done("features"))
         own_start = time.perf_counter()
         model, probe, info = self._train(config, parts, cached, prep, seed=seed, deadline=deadline, stop=stop,
                                          latency_input=latency_input)
-        deadline.check("training")
+        deadline.check(stages.done("training"))
         zeros, rebuild = self._prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
                                      latency_input=latency_input)
+        stages.done("pruning")
         params = {**params, **rebuild}  # what a rebuild of the architecture needs (removed heads)
         fp32, runtime = self._export(model, config, prep, trial_dir, seed)
-        deadline.check("export and quantization")
+        deadline.check(stages.done("export and quantization"))
         scores = self._score(config, model, runtime, cached, prep, probe)
+        stages.done("scoring")
         train_seconds = cached.seconds + (time.perf_counter() - own_start)
         measured = self._measure(model, runtime, latency_input, train_seconds=train_seconds)
+        stages.done("measurement")
 
         if not math.isfinite(scores.accuracy):
             raise FloatingPointError("accuracy is not finite")
         extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": zeros,
                  "holdout_accuracy": scores.holdout, "cv_accuracy": scores.cv,
-                 "probe_l2": None if probe is None else probe.l2, **info}
+                 "probe_l2": None if probe is None else probe.l2, "stage_seconds": stages.seconds, **info}
         metrics = {"accuracy": scores.accuracy, "test_accuracy": scores.test, "train_seconds": train_seconds,
                    **extra}
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,

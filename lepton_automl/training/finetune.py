@@ -188,7 +188,7 @@ def time_training_step(model: nn.Module, modality: Modality, data: LabelledData,
     n = min(batch_size, len(data))
     feeds = modality.encode(list(data.examples[:n]), preprocessing=preprocessing)
     inputs = [torch.from_numpy(feeds[k]) for k in names]
-    labels = torch.as_tensor(np.asarray(data.labels[:n]))
+    labels = torch.as_tensor(np.array(data.labels[:n], dtype=np.int64))
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # batch-norm statistics
