@@ -3,7 +3,6 @@ predicted wall time, and the typed configuration that refuses misspelt keys."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
