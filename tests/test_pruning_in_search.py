@@ -96,15 +96,14 @@ def test_folding_the_standardisation_keeps_the_logits() -> None:
 def test_cross_validated_probe_accuracy_tracks_the_truth() -> None:
     import numpy as np
 
-    from lepton_automl.training.trainer import TrainConfig, cross_validated_probe_accuracy
+    from lepton_automl.training.trainer import select_probe
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
     separable = rng.normal(0, 0.3, (120, 5)).astype(np.float32) + np.eye(3, 5)[y] * 3
     noise = rng.normal(0, 1, (120, 5)).astype(np.float32)
-    cfg = TrainConfig(weight_decay=1e-3)
-    assert cross_validated_probe_accuracy(separable, y, 3, cfg) > 0.95
-    assert cross_validated_probe_accuracy(noise, y, 3, cfg) < 0.6
+    assert select_probe(separable, y, 3, seed=0).cv_accuracy > 0.95
+    assert select_probe(noise, y, 3, seed=0).cv_accuracy < 0.6
 
 
 def test_probe_trials_report_cross_validated_and_holdout_accuracy(image_runner, tmp_path) -> None:

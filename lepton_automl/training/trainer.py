@@ -33,34 +33,6 @@ def make_head(features: np.ndarray, num_classes: int, *, generator: torch.Genera
     return nn.Sequential(Standardize(mean, std), linear)
 
 
-def cross_validated_probe_accuracy(
-    features: np.ndarray, labels: np.ndarray, num_classes: int, cfg: TrainConfig, *, folds: int = 5
-) -> float:
-    """Out-of-fold accuracy of ``train_probe`` over ``features`` (stratified folds, own RNG).
-
-    On small data a single validation split is a noisy judge: on digits (359 validation images)
-    the same probe's validation and test accuracy differed by up to 2.7 points depending on the
-    split seed, and a search that picks the maximum of 30 such numbers favours lucky ones.
-    Out-of-fold predictions use every labelled example once.
-    """
-    rng = np.random.default_rng(cfg.seed)
-    fold_of = np.empty(len(labels), dtype=np.int64)
-    for label in range(num_classes):
-        idx = np.flatnonzero(labels == label)
-        rng.shuffle(idx)
-        fold_of[idx] = np.arange(len(idx)) % folds
-    correct = 0
-    x = np.asarray(features, dtype=np.float32)
-    for k in range(folds):
-        train, held = fold_of != k, fold_of == k
-        if not held.any():
-            continue
-        head = train_probe(x[train], labels[train], num_classes, cfg)
-        with torch.no_grad():
-            correct += int((head(torch.from_numpy(x[held])).argmax(1).numpy() == labels[held]).sum())
-    return correct / len(labels)
-
-
 # L2 strengths the probe chooses from by cross-validation (lambda in mean CE + lambda/2 ||W||^2 on
 # standardised features; sklearn's C is 1 / (lambda * n)). The hand-written probes of the search-quality
 # issue picked C in 0.001..1 on about 1,000 examples, i.e. lambda 1e-3..1: features of a frozen
@@ -242,18 +214,20 @@ def train_tail(
     n = len(y)
     tail.eval()
     head.train()
-    for epoch in range(max(1, cfg.epochs)):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(head(tail(*[t[idx] for t in tensors])), y[idx],
-                                               weight=cfg.loss_weights())
-            _check(loss)
-            loss.backward()
-            opt.step()
-        if should_stop is not None and should_stop(epoch + 1, head):
-            break
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the seeded copy, not the caller's RNG
+        torch.manual_seed(cfg.seed)
+        for epoch in range(max(1, cfg.epochs)):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(head(tail(*[t[idx] for t in tensors])), y[idx],
+                                                   weight=cfg.loss_weights())
+                _check(loss)
+                loss.backward()
+                opt.step()
+            if should_stop is not None and should_stop(epoch + 1, head):
+                break
     for p in params:
         p.requires_grad_(False)
     head.eval()
