@@ -197,7 +197,7 @@ class TrialRunner:
         prune = config.prune
         logger.info(
             "%s %s %s prune=%s quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)",
-            card.name, dict(config.data), config.train.mode,
+            config.backbone, dict(config.data), config.train.mode,
             prune.method if prune.method == "none" else f"{prune.method}:{float(prune.amount):.2f}",
             config.quant.mode, scores.accuracy, measured["latency_ms"], measured["cost_usd"],
             time.perf_counter() - start, ", features cached" if cached.hit else "",
