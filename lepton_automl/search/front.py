@@ -35,7 +35,7 @@ def front_rows(study: Any) -> list[FrontRow]:
                 number=t.number, accuracy=t.values[0], latency_ms=t.values[1], cost_usd=t.values[2],
                 test_accuracy=ua.get("test_accuracy"), latency_p90_ms=ua.get("latency_p90_ms"),
                 size_mb=ua.get("size_mb"), params_m=ua.get("params_m"), gmacs=ua.get("gmacs"),
-                params=dict(t.params),
+                params=dict(t.user_attrs.get("config") or t.params),  # what ran, after overrides
                 artifact=ua.get("artifact"),
             )
         )
