@@ -72,10 +72,13 @@ def _flat_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _cuttable(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "global_pool"))
+    return all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool"))
 
 
 class ImageModality(Modality):
+    def __init__(self) -> None:
+        self._cuttable: dict[str, bool] = {}
+
     name = "image"
     tasks = ("classification",)
     description = "Image folders (one subfolder per class) with timm backbones"
@@ -182,7 +185,17 @@ class ImageModality(Modality):
 
     # -- model -----------------------------------------------------------------------------
     def max_finetune_blocks(self, card: BackboneCard) -> int:
-        return 2 if card.scheme in ("timm",) else 0
+        """2 for timm models with the EfficientNet layout this plugin cuts (stem, blocks, conv_head,
+        bn2, pooling); others (ResNet, ConvNeXt, MobileNetV3) are probed or fully fine-tuned only."""
+        if card.scheme != "timm":
+            return 0
+        if card.name not in self._cuttable:
+            import timm
+
+            with torch.device("meta"):  # the layout only: no weights, no memory
+                self._cuttable[card.name] = _cuttable(timm.create_model(card.target, pretrained=False,
+                                                                        num_classes=0, **card.build_kwargs))
+        return 2 if self._cuttable[card.name] else 0
 
     def build(
         self,
@@ -195,7 +208,9 @@ class ImageModality(Modality):
     ) -> ModelParts:
         model = registry.load(card, pretrained=pretrained)
         model.eval()
-        dim = int(getattr(model, "num_features", 0) or _probe_dim(model, params))
+        # The pooled output's width: timm's num_features is the width before a head such as
+        # MobileNetV3's conv_head (576 where the output is 1024), so measure it.
+        dim = _probe_dim(model, params)
         if finetune_blocks <= 0:
             return ModelParts(trunk=TupleOut(model), tail=nn.Identity(), feature_dim=dim)
         if not _cuttable(model):
@@ -236,9 +251,9 @@ class ImageModality(Modality):
 
 
 def _probe_dim(model: nn.Module, params: Mapping[str, Any]) -> int:
-    size = int(params.get("data__image_size", 64))
+    del params  # the pooled width does not depend on the input size; 64 px is cheap
     with torch.no_grad():
-        return int(model(torch.zeros(1, 3, size, size)).shape[-1])
+        return int(model(torch.zeros(1, 3, 64, 64)).shape[-1])
 
 
 def _walk_images(folder: Path) -> tuple[list[Path], int, int]:
