@@ -83,8 +83,10 @@ def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: Backbo
     params.update(modality.suggest(trial, card))
     modes = list(space.train__mode) if modality.max_finetune_blocks(card) > 0 else ["probe", "full"]
     fixed = ensemble or not modality.can_fine_tune(card)  # frozen trunks, or nothing to train: a probe
-    params["train__mode"] = trial.suggest_categorical("train__mode", list(space.train__mode))
-    if params["train__mode"] not in modes or fixed:
+    # A parameter that would not change what runs is not drawn: the sampler must not learn from values
+    # the trial ignored (and it would draw finished configurations again).
+    params["train__mode"] = "probe" if fixed else trial.suggest_categorical("train__mode", list(space.train__mode))
+    if params["train__mode"] not in modes:
         params["train__mode"] = "probe"
     if params["train__mode"] == "finetune":
         params["train__blocks"] = trial.suggest_int("train__blocks", 1, modality.max_finetune_blocks(card))
