@@ -37,12 +37,22 @@ def run_trunk(
 ) -> tuple[np.ndarray, ...]:
     """Trunk outputs for all ``examples``, concatenated per output."""
     trunk.eval()
-    chunks: list[tuple[np.ndarray, ...]] = []
+    names = modality.input_names()
+
+    def call(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [o.detach().cpu().numpy() for o in trunk(*[torch.from_numpy(feeds[n]) for n in names])]
+
+    return _in_batches(call, modality, examples, preprocessing=preprocessing, batch_size=batch_size,
+                       progress=progress, desc=desc)
+
+
+def _in_batches(call: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]], modality: Modality,
+                examples: Sequence[Any], *, preprocessing: Mapping[str, Any], batch_size: int,
+                progress: Progress | None, desc: str) -> tuple[np.ndarray, ...]:
+    """``call`` on each encoded batch of ``examples``, outputs concatenated, progress reported."""
+    chunks = []
     for start in range(0, len(examples), batch_size):
-        inputs = modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)
-        tensors = [torch.from_numpy(inputs[n]) for n in modality.input_names()]
-        outs = trunk(*tensors)
-        chunks.append(tuple(o.detach().cpu().numpy() for o in outs))
+        chunks.append(call(modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)))
         if progress is not None:
             progress(desc, min(start + batch_size, len(examples)), len(examples))
     return _concat(chunks)
@@ -85,11 +95,7 @@ def run_trunk_fast(
             return run_trunk(trunk, modality, examples, preprocessing=preprocessing, batch_size=batch_size,
                              progress=progress, desc=desc)
         session = ort_session(path)
-        chunks: list[list[np.ndarray]] = []
-        for start in range(0, len(examples), batch_size):
-            feeds = modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)
-            chunks.append(session.run(out_names, {n: feeds[n] for n in names}))
-            if progress is not None:
-                progress(desc, min(start + batch_size, len(examples)), len(examples))
-        del session
-    return _concat(chunks)
+        outputs = _in_batches(lambda feeds: session.run(out_names, {n: feeds[n] for n in names}), modality,
+                              examples, preprocessing=preprocessing, batch_size=batch_size, progress=progress,
+                              desc=desc)
+    return outputs
