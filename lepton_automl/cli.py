@@ -240,7 +240,9 @@ def export(
             artifact = match[0].user_attrs.get("artifact")
         if not artifact or not Path(artifact).is_dir():
             raise LeptonError(f"The trial's files ({artifact}) are gone; rerun the search to recreate them.")
-        _copy_export(Path(artifact), out)
+        from lepton_automl.search.probe_export import materialize
+
+        _copy_export(materialize(artifact), out)
         console.print(f"Exported to {out}", highlight=False)
     except (LeptonError, KeyError) as exc:
         _fail(exc if isinstance(exc, LeptonError) else LeptonError(str(exc)))

@@ -81,6 +81,16 @@ class ConcatTrunk(nn.Module):
         return (torch.cat([member(*inputs)[0] for member in self.members], dim=1),)
 
 
+def build_seeded(modality: Modality, card: BackboneCard, registry: BackboneRegistry, *, params: Mapping[str, Any],
+                 finetune_blocks: int, pretrained: bool, seed: int) -> ModelParts:
+    """``modality.build`` with torch's generator forked and seeded: layers without pretrained weights (an
+    untrained backbone, a ``build_fn``'s new layers) come out the same in every trial, so features cached
+    from one build are the features of the next."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return modality.build(card, registry, params=params, finetune_blocks=finetune_blocks, pretrained=pretrained)
+
+
 @dataclass(frozen=True)
 class ModelParts:
     """A backbone cut in two: ``trunk`` stays frozen, ``tail`` may be fine-tuned.

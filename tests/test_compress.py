@@ -23,6 +23,7 @@ from lepton_automl.data.split import split_data
 from lepton_automl.exceptions import ConfigError, DataError, ExportError
 from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_model
 from lepton_automl.search.objective import TrialRunner
+from lepton_automl.search.probe_export import materialize
 from lepton_automl.search.space import SearchSpace
 from lepton_automl.training.cache import FeatureCache
 from lepton_image import ImageModality
@@ -35,7 +36,7 @@ def _export(modality, data, registry, root: Path, params: dict) -> Path:
                          space=SearchSpace(backbones=(params["backbone"],)), cache=FeatureCache(root / "cache"),
                          cost=CostModel(train=profiles["local-cpu"], serve=profiles["local-cpu"]), run_dir=root)
     runner.evaluate(params, trial_dir=root / "export", seed=0)
-    return root / "export"
+    return materialize(root / "export", modality=modality, registry=registry)
 
 
 @pytest.fixture(scope="module")

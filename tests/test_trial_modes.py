@@ -12,6 +12,7 @@ from lepton_automl.backbones import BackboneRegistry
 from lepton_automl.exceptions import ConfigError
 from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_model
 from lepton_automl.search.config import TrialConfig
+from lepton_automl.search.probe_export import materialize
 from lepton_automl.search.early_stopping import TrialStopped
 from lepton_automl.search.space import SearchSpace, ensemble_of, warm_start_configs
 from lepton_image import ImageModality
@@ -53,6 +54,7 @@ def test_an_ensemble_trial_exports_one_model_that_serves_what_it_measured(image_
     single = runner.evaluate({"backbone": "efficientnet_lite0", **base}, trial_dir=tmp_path / "one", seed=0)
     both = runner.evaluate({"backbone": ENSEMBLE, **base}, trial_dir=tmp_path / "two", seed=0)
     assert both.extra["cache_hit"] is False  # lite1 was never extracted before
+    materialize(tmp_path / "two", modality=modality, registry=runner.registry)
     assert both.params_m > single.params_m and both.extra["gmacs"] > single.extra["gmacs"]
     assert len(load_metadata(tmp_path / "two")["members"]) == 2
     test = runner.splits.test
@@ -101,5 +103,6 @@ def test_lexical_ngrams_join_a_transformer_in_one_exported_ensemble(text_csv, ti
     assert lexical.params_m * 1e6 == 256 * 3 + 3 and lexical.accuracy >= 0.8  # the head alone; disjoint topic words
     test = runner.splits.test
     for folder, result in (("ngrams", lexical), ("both", both)):
-        served = Predictor(tmp_path / folder).logits(list(test.examples))
+        served = Predictor(materialize(tmp_path / folder, modality=modality, registry=runner.registry)
+                           ).logits(list(test.examples))
         assert float((served.argmax(1) == test.labels).mean()) == pytest.approx(result.test_accuracy)

@@ -94,8 +94,23 @@ def run_trunk_fast(
         except ExportError:
             return run_trunk(trunk, modality, examples, preprocessing=preprocessing, batch_size=batch_size,
                              progress=progress, desc=desc)
-        session = ort_session(path)
-        outputs = _in_batches(lambda feeds: session.run(out_names, {n: feeds[n] for n in names}), modality,
-                              examples, preprocessing=preprocessing, batch_size=batch_size, progress=progress,
-                              desc=desc)
-    return outputs
+        return run_onnx(path, modality, examples, preprocessing=preprocessing, outputs=out_names,
+                        batch_size=batch_size, progress=progress, desc=desc)
+
+
+def run_onnx(
+    path: str | Path,
+    modality: Modality,
+    examples: Sequence[Any],
+    *,
+    preprocessing: Mapping[str, Any],
+    outputs: Sequence[str],
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    desc: str = "features",
+) -> tuple[np.ndarray, ...]:
+    """The named ``outputs`` of the ONNX file ``path`` for all ``examples``."""
+    names = modality.input_names()
+    session = ort_session(path)
+    return _in_batches(lambda feeds: session.run(list(outputs), {n: feeds[n] for n in names}), modality,
+                       examples, preprocessing=preprocessing, batch_size=batch_size, progress=progress, desc=desc)

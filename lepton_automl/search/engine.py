@@ -29,6 +29,7 @@ from lepton_automl.plugins import MODALITIES, PluginRegistry
 from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner
+from lepton_automl.search.probe_export import is_recipe, materialize
 from lepton_automl.search.space import SearchSpace, ensemble_of, warm_start_configs
 from lepton_automl.training.cache import FeatureCache
 from lepton_automl.export.trunk import Progress
@@ -212,8 +213,11 @@ def search(
         study.optimize(runner, n_trials=remaining, timeout=timeout, catch=(Exception,),
                        callbacks=list(callbacks), gc_after_trial=True)
     front = front_rows(study)
+    _write_front_exports(front, modality=mod, registry=registry)
     if not keep_all_artifacts:
         _remove_dominated_artifacts(study, keep={r.number for r in front}, run_dir=run_dir)
+        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            runner.probes.trunks.remove()  # every front probe is written out; no other worker is running
     failed = [(t.number, t.user_attrs.get("fail_reason", "unknown"))
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     stopped = [(t.number, t.user_attrs.get("early_stop_reason", "pruned"))
@@ -232,6 +236,13 @@ def _configs_from_study(name: str, storage: Any, backbones: Sequence[str]) -> li
         raise ConfigError(f"No study {name!r} to warm-start from.{did_you_mean(name, names)} "
                           f"Studies in this storage: {names or 'none'}.") from exc
     return [dict(t.params) for t in other.best_trials if t.params.get("backbone") in backbones]
+
+
+def _write_front_exports(front: Sequence[FrontRow], *, modality: Modality, registry: BackboneRegistry) -> None:
+    """Probe trials keep a head and a recipe; write the model files of those on the front."""
+    for row in front:
+        if row.artifact and is_recipe(row.artifact):
+            materialize(row.artifact, modality=modality, registry=registry)
 
 
 def _remove_dominated_artifacts(study: Any, *, keep: set[int], run_dir: Path) -> None:

@@ -3,8 +3,8 @@
 ``TrialRunner.evaluate`` reads top to bottom:
 
 1. ``_features``: frozen-trunk outputs of every split (cached on disk per trunk and data);
-2. ``_train``: a cross-validated linear probe, partial fine-tuning on cached trunk outputs, or full
-   fine-tuning from the probe;
+2. ``_train``: partial fine-tuning on cached trunk outputs, or full fine-tuning from a linear probe
+   (a trial that only fits a linear probe takes the cheap path of ``search/probe_trial.py`` instead);
 3. ``_prune``: structured (then recovery) or unstructured pruning, if the configuration asks;
 4. ``_export``: the ONNX file, quantized to int8 if asked: the artifact that would ship;
 5. ``_score``: validation and test accuracy of that artifact (a probe is judged by cross-validation
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,19 +37,20 @@ from lepton_automl.exceptions import ConfigError, ExportError
 from lepton_automl.export.artifact import save_artifact
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.export.trunk import Progress, run_trunk_fast
-from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelParts, TrialResult
+from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelParts, TrialResult, build_seeded
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
 from lepton_automl.search.budget import epochs_that_fit
 from lepton_automl.search.limits import Deadline, Limits, TrialTimeout, usefulness_floor
+from lepton_automl.search.probe_trial import ProbeTrials
+from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import Scores, concat_features, head_accuracy, onnx_accuracy
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, FeatureCache, cache_key
 from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
 from lepton_automl.training.trainer import (
-    ProbeFit,
     TrainConfig,
     fold_standardize,
     inverse_frequency_weights,
@@ -101,6 +102,9 @@ class TrialRunner:
     serving_batch: int = 32
     progress: Progress | None = None
     train_cost_ratio: float | None = None  # measured on this study's full fine-tuning trials
+
+    def __post_init__(self) -> None:
+        self.probes = ProbeTrials(self, TrunkStore(self.run_dir / "trunks"))
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
         import optuna
@@ -156,19 +160,23 @@ class TrialRunner:
         deadline = Deadline(start, self.trial_timeout, self.search_ends_at)
         cards = [self.registry.get(name) for name in config.members]
         card = cards[0]
-        member_parts = [self.modality.build(c, self.registry, params=params, finetune_blocks=config.finetune_blocks,
-                                            pretrained=self.pretrained) for c in cards]
+        prep = self._preprocessing(cards, params)
+        if config.probe_only(self.modality.structured_pruning):
+            return self.probes.evaluate(config, params, cards, prep, trial_dir=trial_dir, start=start,
+                                        deadline=deadline)
+        member_parts = [build_seeded(self.modality, c, self.registry, params=params,
+                                     finetune_blocks=config.finetune_blocks, pretrained=self.pretrained, seed=self.seed)
+                        for c in cards]
         parts = member_parts[0] if len(cards) == 1 else ModelParts(
             trunk=ConcatTrunk([p.trunk for p in member_parts]), tail=torch.nn.Identity(),
             feature_dim=sum(p.feature_dim for p in member_parts))
-        prep = self._preprocessing(cards, params)
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
         stages = _StageClock(start)  # wall seconds per step, kept on the trial (stage_seconds)
 
-        cached = concat_features([self._features(c, p, prep, config) for c, p in zip(cards, member_parts)])
+        cached = concat_features([self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)])
         deadline.check(stages.done("features"))
         own_start = time.perf_counter()
-        model, probe, info = self._train(config, parts, cached, prep, seed=seed, deadline=deadline, stop=stop,
+        model, info = self._train(config, parts, cached, prep, seed=seed, deadline=deadline, stop=stop,
                                          latency_input=latency_input)
         deadline.check(stages.done("training"))
         zeros, rebuild = self._prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
@@ -177,7 +185,7 @@ class TrialRunner:
         params = {**params, **rebuild}  # what a rebuild of the architecture needs (removed heads)
         fp32, runtime = self._export(model, config, prep, trial_dir, seed)
         deadline.check(stages.done("export and quantization"))
-        scores = self._score(config, model, runtime, cached, prep, probe)
+        scores = self._score(config, model, runtime, cached, prep)
         stages.done("scoring")
         train_seconds = cached.seconds + (time.perf_counter() - own_start)
         measured = self._measure(model, runtime, latency_input, train_seconds=train_seconds)
@@ -186,8 +194,7 @@ class TrialRunner:
         if not math.isfinite(scores.accuracy):
             raise FloatingPointError("accuracy is not finite")
         extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": zeros,
-                 "holdout_accuracy": scores.holdout, "cv_accuracy": scores.cv,
-                 "probe_l2": None if probe is None else probe.l2, "stage_seconds": stages.seconds, **info}
+                 "holdout_accuracy": scores.holdout, "stage_seconds": stages.seconds, **info}
         metrics = {"accuracy": scores.accuracy, "test_accuracy": scores.test, "train_seconds": train_seconds,
                    **extra}
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
@@ -219,20 +226,25 @@ class TrialRunner:
                               "different input preprocessing; its members must share one.")
         return preps[0]
 
-    def _features(self, card: BackboneCard, parts: ModelParts, prep: Mapping[str, Any],
-                  config: TrialConfig) -> CachedArrays:
+    def feature_key(self, card: BackboneCard, prep: Mapping[str, Any], config: TrialConfig) -> str:
+        """The feature cache's key: everything that changes the trunk's outputs on this data."""
         layer_pruning = ({"prune__method": config.prune.method, "prune__amount": config.prune.amount}
                          if config.drops_layers(self.modality.structured_pruning) else {})
-        key = cache_key({
+        return cache_key({
             "ref": card.ref, "weights": card.weights, "build": dict(card.build_kwargs),
             "pretrained": self.pretrained, "prep": prep, "blocks": config.finetune_blocks, "pruning": layer_pruning,
             "data": self.splits.fingerprint(), "modality": self.modality.name,
         })
+
+    def features(self, card: BackboneCard, parts: Callable[[], ModelParts], prep: Mapping[str, Any],
+                 config: TrialConfig, *, key: str | None = None) -> CachedArrays:
+        """Trunk outputs of every split, from the cache or computed (``parts`` is called only then)."""
+        key = key or self.feature_key(card, prep, config)
         cached = self.cache.get(key)
         if cached is None:
             t0 = time.perf_counter()
             arrays = {
-                split: run_trunk_fast(parts.trunk, self.modality, getattr(self.splits, split).examples,
+                split: run_trunk_fast(parts().trunk, self.modality, getattr(self.splits, split).examples,
                                       preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}")
                 for split in ("train", "validation", "test")
             }
@@ -241,25 +253,18 @@ class TrialRunner:
         return cached
 
     # -- 2. training ------------------------------------------------------------------------
-    def _class_weights(self) -> tuple[float, ...] | None:
+    def class_weights_for_training(self) -> tuple[float, ...] | None:
         labels = self.splits.train.labels
         return inverse_frequency_weights(labels, len(self.splits.classes)) if self.class_weights else None
 
     def _train(self, config: TrialConfig, parts: ModelParts, cached: CachedArrays, prep: Mapping[str, Any], *,
                seed: int, deadline: Deadline, stop: StopCheck | None,
-               latency_input: Mapping[str, np.ndarray]) -> tuple[ExportModel, ProbeFit | None, dict[str, Any]]:
-        """The trained model, the probe fit when the head alone was trained, and what to record."""
+               latency_input: Mapping[str, np.ndarray]) -> tuple[ExportModel, dict[str, Any]]:
+        """The trained model and what to record about its training."""
         train_inputs = cached.arrays["train"]
         labels = self.splits.train.labels
-        weights = self._class_weights()
+        weights = self.class_weights_for_training()
         num_classes = len(self.splits.classes)
-        if config.probe_only(self.modality.structured_pruning):
-            # The probe's L2 strength is chosen by cross-validation over train+validation inside the
-            # trial, and the head is fit on both: the sampler never spends trials on it.
-            pooled = np.concatenate([np.asarray(train_inputs[0]), np.asarray(cached.arrays["validation"][0])])
-            pooled_labels = np.concatenate([labels, self.splits.validation.labels])
-            fit = select_probe(pooled, pooled_labels, num_classes, seed=seed, class_weights=weights)
-            return ExportModel(parts.trunk, parts.tail, fit.head).eval(), fit, {}
         features = (np.asarray(train_inputs[0]) if config.finetune_blocks == 0
                     else tail_features(parts.tail, train_inputs))
         head = select_probe(features, labels, num_classes, seed=seed, class_weights=weights).head
@@ -277,7 +282,7 @@ class TrialRunner:
             judge(0, head)
             train_tail(parts.tail, head, train_inputs, labels, ft,
                        should_stop=lambda epoch, h: deadline.check(f"fine-tuning epoch {epoch}") or judge(epoch, h))
-        return model.eval(), None, info
+        return model.eval(), info
 
     @staticmethod
     def _weight_decay(config: TrialConfig) -> float:
@@ -316,7 +321,7 @@ class TrialRunner:
         trial's remaining time are not started."""
         cfg = FineTuneConfig(epochs=int(config.train.epochs), lr=float(config.optim.lr),
                              weight_decay=self._weight_decay(config), layer_decay=FULL_FINETUNE_LAYER_DECAY,
-                             seed=seed, class_weights=self._class_weights())
+                             seed=seed, class_weights=self.class_weights_for_training())
         per_epoch = self._epoch_seconds(model, prep, cfg.batch_size)
         # Recovery after structured pruning comes later in the same trial: keep its time free.
         keep = 1.0 - float(config.prune.amount)
@@ -384,7 +389,7 @@ class TrialRunner:
             # with the old head, 0.955 with a refit one, for about 5 s of extraction.
             outs = run_trunk_fast(model.trunk, self.modality, self.splits.train.examples, preprocessing=prep)
             model.head = select_probe(tail_features(model.tail, outs), self.splits.train.labels,
-                                      len(self.splits.classes), seed=seed, class_weights=self._class_weights()).head
+                                      len(self.splits.classes), seed=seed, class_weights=self.class_weights_for_training()).head
             deadline.check("refitting the head after pruning")
             return zeros, {}
         return zero_fraction(model), {}
@@ -412,13 +417,13 @@ class TrialRunner:
                            input_names=self.modality.input_names(), dynamic_axes=self.modality.dynamic_axes())
         if config.quant.mode == "none":
             return fp32, fp32
-        calibration = [self.modality.encode([e], preprocessing=prep) for e in self._calibration_examples(seed)]
+        calibration = [self.modality.encode([e], preprocessing=prep) for e in self.calibration_examples(seed)]
         return fp32, quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=config.quant.mode,
                                    calibration=calibration)
 
     # -- 5. scoring -------------------------------------------------------------------------
     def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, cached: CachedArrays,
-               prep: Mapping[str, Any], probe: ProbeFit | None) -> Scores:
+               prep: Mapping[str, Any]) -> Scores:
         frozen_trunk = config.train.mode != "full" and (config.prune.method == "none"
                                                         or config.drops_layers(self.modality.structured_pruning))
         if config.quant.mode == "none" and frozen_trunk:
@@ -433,15 +438,7 @@ class TrialRunner:
         else:
             holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
             test = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
-        if probe is None:
-            return Scores(accuracy=holdout, holdout=holdout, test=test, cv=None)
-        # A probe is judged by its cross-validated accuracy over train+validation, minus what
-        # compression cost on the validation split (the artifact against the fp32 head; the head saw
-        # those examples, so only the difference is meaningful).
-        fp32_holdout = head_accuracy(probe.head, np.asarray(cached.arrays["validation"][0]),
-                                       self.splits.validation.labels)
-        return Scores(accuracy=probe.cv_accuracy + (holdout - fp32_holdout), holdout=holdout, test=test,
-                       cv=probe.cv_accuracy)
+        return Scores(accuracy=holdout, holdout=holdout, test=test)
 
     @staticmethod
     def _head_inputs(model: ExportModel, trunk_outputs: tuple[np.ndarray, ...], blocks: int) -> np.ndarray:
@@ -479,7 +476,7 @@ class TrialRunner:
         encoded = [self.modality.encode([self.splits.train.examples[i]], preprocessing=prep) for i in idx]
         return max(encoded, key=lambda e: sum(v.size for v in e.values()))
 
-    def _calibration_examples(self, seed: int) -> list[Any]:
+    def calibration_examples(self, seed: int) -> list[Any]:
         rng = np.random.default_rng(seed)
         n = min(CALIBRATION_EXAMPLES, len(self.splits.train))
         idx = rng.choice(len(self.splits.train), size=n, replace=False)

@@ -50,4 +50,3 @@ class Scores:
     accuracy: float  # the objective
     holdout: float  # validation accuracy of the artifact
     test: float
-    cv: float | None

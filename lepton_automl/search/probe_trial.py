@@ -1,0 +1,168 @@
+"""A linear-probe trial, the search's cheapest rung: a head on cached trunk features, nothing else trained.
+
+Everything that depends only on the trunk is done once per trunk signature and shared by every probe
+on it (``search/trunks.py``): the ONNX export, its check against the cached features, int8
+quantization, the quantized trunk's features on the validation and test splits, and the latency,
+throughput, size and MACs of trunk + head. The probe fit itself (L2 strength by cross-validation) is
+shared by the trials on the same features, whatever they quantize. What is left per trial is
+scoring the head on stored features and writing the head with a recipe (``search/probe_export.py``);
+the model files are written for the trials a user can be shown (the front), or on request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lepton_automl.backbones import BackboneCard
+from lepton_automl.compression.quantization import quantize_onnx
+from lepton_automl.cost.measurement import measure_artifact
+from lepton_automl.exceptions import ExportError
+from lepton_automl.export.compose import TrunkFeatures, append_linear_head
+from lepton_automl.export.onnx import export_onnx
+from lepton_automl.export.trunk import run_onnx
+from lepton_automl.interfaces import ConcatTrunk, ExportModel, ModelParts, TrialResult, build_seeded
+from lepton_automl.log import get_logger
+from lepton_automl.search.config import TrialConfig
+from lepton_automl.search.limits import Deadline
+from lepton_automl.search.probe_export import write_recipe
+from lepton_automl.search.scoring import concat_features, head_accuracy
+from lepton_automl.search.trunks import TrunkStore
+from lepton_automl.training.cache import CachedArrays, cache_key
+from lepton_automl.training.trainer import ProbeFit, select_probe
+
+if TYPE_CHECKING:
+    from lepton_automl.search.objective import TrialRunner
+
+logger = get_logger(__name__)
+
+VERIFY_EXAMPLES = 64
+# The exported trunk must compute the cached features: per example, |exported - cached| / |cached| at most this.
+VERIFY_MAX_ERROR = 0.01
+
+
+class ProbeTrials:
+    """The probe path of a ``TrialRunner``; holds the fits shared across its trials."""
+
+    def __init__(self, runner: TrialRunner, trunks: TrunkStore) -> None:
+        self.runner = runner
+        self.trunks = trunks
+        self._fits: dict[str, ProbeFit] = {}
+
+    def evaluate(self, config: TrialConfig, params: Mapping[str, Any], cards: list[BackboneCard],
+                 prep: Mapping[str, Any], *, trial_dir: Path, start: float, deadline: Deadline) -> TrialResult:
+        r = self.runner
+        seconds: dict[str, float] = {}
+        clock = [start]
+
+        def done(stage: str) -> None:
+            now = time.perf_counter()
+            seconds[stage] = round(seconds.get(stage, 0.0) + now - clock[0], 3)
+            clock[0] = now
+            deadline.check(stage)
+
+        built: dict[int, ModelParts] = {}
+
+        def member(i: int) -> ModelParts:  # built only when features or the trunk file are missing
+            if i not in built:
+                built[i] = build_seeded(r.modality, cards[i], r.registry, params=params, finetune_blocks=0,
+                                        pretrained=r.pretrained, seed=r.seed)
+            return built[i]
+
+        keys = [r.feature_key(card, prep, config) for card in cards]
+        cached = concat_features([r.features(card, lambda i=i: member(i), prep, config, key=key)
+                                  for i, (card, key) in enumerate(zip(cards, keys))])
+        done("features")
+        fit = self._fit(keys, cached)
+        done("training")
+        trunk_key = cache_key({"features": keys, "quant": config.quant.mode, "classes": len(r.splits.classes),
+                               "threads": r.threads, "serving_batch": r.serving_batch})
+        entry = self.trunks.get(trunk_key) or self.trunks.build(
+            trunk_key, lambda folder: self._make_trunk(folder, config, cards, member, prep, cached, fit))
+        done("trunk")
+
+        validation = entry.features.get("validation", cached.arrays["validation"][0])
+        test = entry.features.get("test", cached.arrays["test"][0])
+        holdout = head_accuracy(fit.head, validation, r.splits.validation.labels)
+        test_accuracy = head_accuracy(fit.head, test, r.splits.test.labels)
+        fp32_holdout = head_accuracy(fit.head, cached.arrays["validation"][0], r.splits.validation.labels)
+        # Judged by its cross-validated accuracy over train+validation, minus what compression cost on
+        # the validation split (the artifact against the fp32 head: the head saw those examples, so only
+        # the difference means something).
+        accuracy = fit.cv_accuracy + (holdout - fp32_holdout)
+        if not np.isfinite(accuracy):
+            raise FloatingPointError("accuracy is not finite")
+        train_seconds = cached.seconds + seconds["training"]
+        measured = {**entry.measured, "cost_usd": r.cost.total_usd(
+            train_seconds=train_seconds, latency_ms=1000.0 / float(entry.measured["throughput_per_s"]))}
+        done("scoring")
+        extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": 0.0, "holdout_accuracy": holdout,
+                 "cv_accuracy": fit.cv_accuracy, "probe_l2": fit.l2, "trunk": entry.folder.name}
+        write_recipe(trial_dir, head=fit.head, trunk=entry.folder, quant=config.quant.mode, modality=r.modality,
+                     cards=cards, params=params, classes=r.splits.classes, preprocessing=prep,
+                     metrics={"accuracy": accuracy, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
+                              **extra},
+                     pretrained=r.pretrained, seed=r.seed, name=f"{r.splits.train.name} classifier")
+        done("recipe")
+        extra["stage_seconds"] = seconds
+        logger.info("%s %s probe quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)", config.backbone,
+                    dict(config.data), config.quant.mode, accuracy, measured["latency_ms"], measured["cost_usd"],
+                    time.perf_counter() - start, ", features cached" if cached.hit else "")
+        shown = ("latency_ms", "cost_usd", "latency_p90_ms", "size_mb", "size_gz_mb", "params_m")
+        return TrialResult(
+            accuracy=accuracy, latency_ms=measured["latency_ms"], cost_usd=measured["cost_usd"],
+            test_accuracy=test_accuracy, latency_p90_ms=measured["latency_p90_ms"], size_mb=measured["size_mb"],
+            size_gz_mb=measured["size_gz_mb"], params_m=measured["params_m"], train_seconds=train_seconds,
+            artifact=str(trial_dir), extra={k: v for k, v in extra.items() if k not in shown})
+
+    def _fit(self, keys: list[str], cached: CachedArrays) -> ProbeFit:
+        """The probe on train+validation features, its L2 strength chosen by cross-validation; one fit
+        per feature set and search (its folds come from the search's seed, not the trial's)."""
+        r = self.runner
+        key = "+".join(keys)
+        if key not in self._fits:
+            pooled = np.concatenate([np.asarray(cached.arrays["train"][0]), np.asarray(cached.arrays["validation"][0])])
+            labels = np.concatenate([r.splits.train.labels, r.splits.validation.labels])
+            self._fits[key] = select_probe(pooled, labels, len(r.splits.classes), seed=r.seed,
+                                           class_weights=r.class_weights_for_training())
+        return self._fits[key]
+
+    def _make_trunk(self, folder: Path, config: TrialConfig, cards: list[BackboneCard],
+                    member: Callable[[int], ModelParts], prep: Mapping[str, Any], cached: CachedArrays,
+                    fit: ProbeFit) -> tuple[str, str, dict[str, np.ndarray], dict[str, Any]]:
+        r = self.runner
+        trunk = member(0).trunk if len(cards) == 1 else ConcatTrunk([member(i).trunk for i in range(len(cards))])
+        example = r.modality.encode(r.splits.train.examples[:1], preprocessing=prep)
+        fp32 = export_onnx(TrunkFeatures(trunk), example, folder / "trunk.onnx",
+                           input_names=r.modality.input_names(), dynamic_axes=r.modality.dynamic_axes(),
+                           output_names=("features",))
+        self._verify(fp32, np.asarray(cached.arrays["validation"][0]), prep)
+        runtime, features = fp32, {}
+        if config.quant.mode != "none":
+            calibration = [r.modality.encode([e], preprocessing=prep) for e in r.calibration_examples(r.seed)]
+            runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=config.quant.mode, calibration=calibration)
+            features = {split: run_onnx(runtime, r.modality, getattr(r.splits, split).examples, preprocessing=prep,
+                                        outputs=("features",))[0] for split in ("validation", "test")}
+        measured_file = append_linear_head(runtime, folder / "measured.onnx", fit.head)
+        measured = measure_artifact(
+            measured_file, r.latency_example(prep, r.seed), model=ExportModel(trunk, torch.nn.Identity(), fit.head),
+            input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0, threads=r.threads,
+            serving_batch=r.serving_batch)
+        measured_file.unlink()
+        return runtime.name, config.quant.mode, features, measured
+
+    def _verify(self, path: Path, cached_validation: np.ndarray, prep: Mapping[str, Any]) -> None:
+        """The exported trunk must compute the features the probe was fit on, on real inputs."""
+        r = self.runner
+        n = min(VERIFY_EXAMPLES, len(r.splits.validation))
+        got = run_onnx(path, r.modality, r.splits.validation.examples[:n], preprocessing=prep, outputs=("features",))[0]
+        want = cached_validation[:n]
+        error = np.linalg.norm(got - want, axis=1) / (np.linalg.norm(want, axis=1) + 1e-6)
+        if float(error.max()) > VERIFY_MAX_ERROR:
+            raise ExportError(f"the exported trunk's features differ from the cached ones (relative error "
+                              f"{error.max():.4f} on {n} validation examples); report this with the trial's parameters")

@@ -1,0 +1,95 @@
+"""The probe path: one trunk export, quantization and measurement per trunk signature, one probe fit per
+feature set, a head and a recipe per trial, and model files written only when asked for, computing
+exactly what was scored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_automl.backbones import BackboneRegistry
+from lepton_automl.exceptions import ExportError
+from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_model
+from lepton_automl.search.probe_export import RECIPE, is_recipe, materialize
+from lepton_image import ImageModality
+from tests.test_pruning_in_search import _runner
+
+BASE = {"backbone": "efficientnet_lite0", "data__image_size": 64, "train__mode": "probe", "prune__method": "none"}
+
+
+@pytest.fixture(scope="module")
+def probed(image_folder, tmp_path_factory):
+    """Three probe trials on one backbone and size: fp32, int8, and int8 again (another trial number)."""
+    root = tmp_path_factory.mktemp("probes")
+    modality = ImageModality()
+    runner = _runner(modality, modality.load(image_folder), BackboneRegistry(), root, "efficientnet_lite0")
+    results = {name: runner.evaluate({**BASE, "quant__mode": quant}, trial_dir=root / name, seed=seed)
+               for name, quant, seed in (("fp32", "none", 0), ("int8", "int8", 1), ("int8-again", "int8", 2))}
+    return runner, root, results
+
+
+def test_probes_share_one_fit_per_feature_set_and_one_trunk_per_signature(probed) -> None:
+    runner, root, results = probed
+    fp32, int8, again = results["fp32"], results["int8"], results["int8-again"]
+    assert not fp32.extra["cache_hit"] and int8.extra["cache_hit"]
+    # One cross-validated fit, whatever the trial quantizes and whatever its seed.
+    assert fp32.extra["cv_accuracy"] == int8.extra["cv_accuracy"] == again.extra["cv_accuracy"]
+    assert fp32.extra["probe_l2"] == int8.extra["probe_l2"]
+    # fp32: the objective is the cross-validated accuracy; int8: minus what quantization cost on validation.
+    assert fp32.accuracy == pytest.approx(fp32.extra["cv_accuracy"])
+    assert int8.accuracy == pytest.approx(int8.extra["cv_accuracy"] + int8.extra["holdout_accuracy"]
+                                          - fp32.extra["holdout_accuracy"])
+    # Two trunk signatures (fp32, int8) for three trials; the third reused the second's measurement.
+    assert sorted(p.name for p in (root / "trunks").iterdir()) == sorted({fp32.extra["trunk"], int8.extra["trunk"]})
+    assert again.extra["trunk"] == int8.extra["trunk"] and again.latency_ms == int8.latency_ms
+    assert (root / "trunks" / int8.extra["trunk"] / "trunk.int8.onnx").is_file()
+
+
+def test_a_probe_trial_writes_a_recipe_not_a_model(probed) -> None:
+    _, root, _ = probed
+    for name in ("fp32", "int8"):
+        assert is_recipe(root / name)
+        assert not list((root / name).glob("*.onnx")) and not (root / name / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_the_written_model_computes_what_the_trial_scored(probed, tmp_path, name) -> None:
+    runner, root, results = probed
+    trial = tmp_path / name
+    shutil.copytree(root / name, trial)
+    materialize(trial, modality=runner.modality, registry=runner.registry)
+    assert not is_recipe(trial)
+    meta = load_metadata(trial)
+    assert meta["runtime_file"] == ("model.onnx" if name == "fp32" else "model.int8.onnx")
+    predictor = Predictor(trial)
+    for split, expected in (("validation", results[name].extra["holdout_accuracy"]),
+                            ("test", results[name].test_accuracy)):
+        data = getattr(runner.splits, split)
+        served = predictor.logits(list(data.examples)).argmax(1)
+        assert float((served == data.labels).mean()) == pytest.approx(expected)
+    # The safetensors weights are the same model as the fp32 ONNX file.
+    model = rebuild_model(trial)
+    feeds = runner.modality.encode(list(runner.splits.validation.examples), preprocessing=predictor.preprocessing)
+    with torch.no_grad():
+        torch_logits = model(*[torch.from_numpy(feeds[n]) for n in runner.modality.input_names()]).numpy()
+    onnx_logits = Predictor(trial).session.run(["logits"], feeds)[0] if name == "fp32" else None
+    if onnx_logits is not None:
+        np.testing.assert_allclose(torch_logits, onnx_logits, atol=1e-3, rtol=1e-3)
+    assert materialize(trial) == trial  # a written folder is left as it is
+
+
+def test_a_recipe_whose_trunk_is_gone_says_how_to_recreate_it(probed, tmp_path) -> None:
+    _, root, _ = probed
+    trial = tmp_path / "orphan"
+    shutil.copytree(root / "fp32", trial)
+    recipe = json.loads((trial / RECIPE).read_text())
+    recipe["trunk"] = str(tmp_path / "no-such-trunk")
+    (trial / RECIPE).write_text(json.dumps(recipe))
+    with pytest.raises(ExportError, match="is gone.*Rerun the search"):
+        materialize(trial)
+    assert is_recipe(trial)  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orphan"]
