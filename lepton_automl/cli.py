@@ -127,7 +127,10 @@ def search(
     timeout: Optional[float] = typer.Option(360.0, help="Search budget in seconds: no trial starts after it, a "
                                             "running one is stopped a minute past it, and no trial may use "
                                             "more than a quarter of it."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir); "
+                                          "postgresql://USER@HOST/DB for workers on several machines."),
+    worker: Optional[int] = typer.Option(None, help="This process's index when several share one study (its "
+                                         "sampler seed derives from it; default: the next free index)."),
     study_name: Optional[str] = typer.Option(None, help="Study name (default: MODALITY-DATANAME)."),
     sampler: str = typer.Option("tpe", help="tpe, nsga2 or random."),
     seed: int = typer.Option(0, help="Seed of the split, the sampler and training."),
@@ -177,7 +180,7 @@ def search(
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month, serving_batch=serving_batch,
                 hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout, class_weights=class_weights,
                 warm_start_from=warm_start_from, early_stopping=EarlyStopping() if early_stopping else None,
-                progress=progress.features, callbacks=[progress.trial_done],
+                progress=progress.features, callbacks=[progress.trial_done], worker=worker,
             )
         for number, reason in outcome.failed:
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)

@@ -44,9 +44,10 @@ def test_probes_share_one_fit_per_feature_set_and_one_trunk_per_signature(probed
     assert int8.accuracy == pytest.approx(int8.extra["cv_accuracy"] + int8.extra["holdout_accuracy"]
                                           - fp32.extra["holdout_accuracy"])
     # Two trunk signatures (fp32, int8) for three trials; the third reused the second's measurement.
-    assert sorted(p.name for p in (root / "trunks").iterdir()) == sorted({fp32.extra["trunk"], int8.extra["trunk"]})
+    store = runner.probes.trunks.root
+    assert sorted(p.name for p in store.iterdir()) == sorted({fp32.extra["trunk"], int8.extra["trunk"]})
     assert again.extra["trunk"] == int8.extra["trunk"] and again.latency_ms == int8.latency_ms
-    assert (root / "trunks" / int8.extra["trunk"] / "trunk.int8.onnx").is_file()
+    assert (store / int8.extra["trunk"] / "trunk.int8.onnx").is_file()
 
 
 def test_a_probe_trial_writes_a_recipe_not_a_model(probed) -> None:

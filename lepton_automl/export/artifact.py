@@ -5,6 +5,7 @@ a model card ``README.md``, and the modality's assets (a tokenizer). ``Predictor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
@@ -83,8 +84,12 @@ def save_artifact(
         "input_names": list(modality.input_names()),
         "metrics": dict(metrics),
     }
-    (out / METADATA).write_text(json.dumps(meta, indent=2, default=str))
     (out / "README.md").write_text(render_model_card(meta))
+    # lepton.json last, renamed into place: a folder without it is not an export (``load_metadata``
+    # refuses it), so a crash while writing never leaves a half model that loads.
+    tmp = out / f".{METADATA}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, out / METADATA)
     return out
 
 

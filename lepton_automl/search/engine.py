@@ -30,6 +30,14 @@ from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner
 from lepton_automl.search.probe_export import is_recipe, materialize
+from lepton_automl.search.workers import (
+    SURPLUS_ATTR,
+    counted_trials,
+    fail_dead_local_trials,
+    live_workers,
+    make_storage,
+    worker_seed,
+)
 from lepton_automl.search.space import SearchSpace, ensemble_of, warm_start_configs
 from lepton_automl.training.cache import FeatureCache
 from lepton_automl.export.trunk import Progress
@@ -39,7 +47,6 @@ logger = get_logger(__name__)
 DIRECTIONS = ("maximize", "minimize", "minimize")
 METRIC_NAMES = ["accuracy", "latency_ms", "cost_usd"]
 SAMPLERS = ("tpe", "nsga2", "random")
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ def search(
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
     ensembles: bool = True,
+    worker: int | None = None,
 ) -> SearchOutcome:
     """Run (or resume) a multi-objective search and return the study and its Pareto front."""
     registry = registry or BackboneRegistry()
@@ -156,12 +164,17 @@ def search(
 
     run_root = Path(run_root)
     study_name = study_name or f"{mod.name}-{labelled.name}"
+    storage_url = storage if isinstance(storage, str) else None
     storage = storage or default_storage(run_root)
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, directions=list(DIRECTIONS),
-        sampler=sampler if isinstance(sampler, optuna.samplers.BaseSampler) else make_sampler(sampler, seed=seed),
-        load_if_exists=True,
-    )
+    if isinstance(storage, str):
+        storage = make_storage(storage)
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=list(DIRECTIONS),
+                                load_if_exists=True)
+    fail_dead_local_trials(study)
+    if worker is None:  # the first worker keeps the user's seed; later ones derive theirs
+        worker = len(live_workers(study))
+    study.sampler = (sampler if isinstance(sampler, optuna.samplers.BaseSampler)
+                     else make_sampler(sampler, seed=worker_seed(seed, worker)))
     fingerprint = splits.fingerprint()
     known = study.user_attrs.get("data_fingerprint")
     if known is not None and known != fingerprint:
@@ -180,6 +193,7 @@ def search(
         configs = (_configs_from_study(warm_start_from, storage, names) if warm_start_from else
                    warm_start_configs(space, mod, registry,
                                       mod.warm_start_variants(registry.get(names[0]))))
+        configs = configs[:n_trials]  # never queue more than the study will run
         for config in configs:
             study.enqueue_trial(config, skip_if_exists=True)
         logger.info("warm start: %d configurations enqueued%s", len(configs),
@@ -202,27 +216,27 @@ def search(
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
                          threads=threads, trial_timeout=trial_timeout, search_ends_at=search_ends_at,
                          class_weights=class_weights, early_stopping=early_stopping, serving_batch=serving_batch,
-                         progress=progress)
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+                         progress=progress, n_trials=n_trials)
+    done = counted_trials(study)
     remaining = max(0, n_trials - done)
     if remaining == 0:
         logger.info("study %r already has %d finished trials; nothing to run", study_name, done)
     else:
-        logger.info("study %r: running %d trials (%d already finished) in %s", study_name, remaining, done,
-                    storage if isinstance(storage, str) else type(storage).__name__)
+        logger.info("study %r: running up to %d trials (%d already finished; worker %d) in %s", study_name,
+                    remaining, done, worker, _redact(storage_url) if storage_url else default_storage(run_root))
         study.optimize(runner, n_trials=remaining, timeout=timeout, catch=(Exception,),
                        callbacks=list(callbacks), gc_after_trial=True)
     front = front_rows(study)
     _write_front_exports(front, modality=mod, registry=registry)
     if not keep_all_artifacts:
         _remove_dominated_artifacts(study, keep={r.number for r in front}, run_dir=run_dir)
-        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            runner.probes.trunks.remove()  # every front probe is written out; no other worker is running
+        runner.probes.trunks.remove()  # this worker's: its front probes are written out above
     failed = [(t.number, t.user_attrs.get("fail_reason", "unknown"))
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     stopped = [(t.number, t.user_attrs.get("early_stop_reason", "pruned"))
-               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))]
-    storage_str = storage if isinstance(storage, str) else type(storage).__name__
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+               if not t.user_attrs.get(SURPLUS_ATTR)]
+    storage_str = _redact(storage_url) if storage_url else default_storage(run_root)
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
                          storage=storage_str, failed=failed, stopped=stopped)
 
@@ -236,6 +250,16 @@ def _configs_from_study(name: str, storage: Any, backbones: Sequence[str]) -> li
         raise ConfigError(f"No study {name!r} to warm-start from.{did_you_mean(name, names)} "
                           f"Studies in this storage: {names or 'none'}.") from exc
     return [dict(t.params) for t in other.best_trials if t.params.get("backbone") in backbones]
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
 
 
 def _write_front_exports(front: Sequence[FrontRow], *, modality: Modality, registry: BackboneRegistry) -> None:

@@ -47,6 +47,7 @@ from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import Scores, concat_features, head_accuracy, onnx_accuracy
 from lepton_automl.search.space import SearchSpace, suggest
+from lepton_automl.search.workers import SURPLUS_ATTR, WORKER_ATTR, is_surplus, worker_identity
 from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, FeatureCache, cache_key
 from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
@@ -102,13 +103,23 @@ class TrialRunner:
     serving_batch: int = 32
     progress: Progress | None = None
     train_cost_ratio: float | None = None  # measured on this study's full fine-tuning trials
+    n_trials: int | None = None  # the study's total (all workers): a trial past it is not run
 
     def __post_init__(self) -> None:
-        self.probes = ProbeTrials(self, TrunkStore(self.run_dir / "trunks"))
+        # One trunk store per worker process: each removes its own when it finishes, after writing out
+        # the front trials that use it, so no worker ever loses a trunk another one still needs.
+        self.probes = ProbeTrials(self, TrunkStore(self.run_dir / "trunks" / worker_identity().replace(":", "-")))
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
         import optuna
 
+        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        if is_surplus(trial, self.n_trials):
+            reason = f"the study already has its {self.n_trials} trials"
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            trial.set_user_attr("early_stop_reason", reason)
+            trial.study.stop()
+            raise optuna.TrialPruned(reason)
         params = suggest(trial, self.space, self.modality, self.registry)
         # The configuration that runs (suggest may override what the sampler drew: an ensemble is a
         # probe). A probe picks its own regularisation, so samplers often draw a finished
@@ -417,9 +428,8 @@ class TrialRunner:
                            input_names=self.modality.input_names(), dynamic_axes=self.modality.dynamic_axes())
         if config.quant.mode == "none":
             return fp32, fp32
-        calibration = [self.modality.encode([e], preprocessing=prep) for e in self.calibration_examples(seed)]
         return fp32, quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=config.quant.mode,
-                                   calibration=calibration)
+                                   calibration=self.calibration_feeds(prep, seed))
 
     # -- 5. scoring -------------------------------------------------------------------------
     def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, cached: CachedArrays,
@@ -476,8 +486,9 @@ class TrialRunner:
         encoded = [self.modality.encode([self.splits.train.examples[i]], preprocessing=prep) for i in idx]
         return max(encoded, key=lambda e: sum(v.size for v in e.values()))
 
-    def calibration_examples(self, seed: int) -> list[Any]:
+    def calibration_feeds(self, prep: Mapping[str, Any], seed: int, batch: int = 16) -> list[dict[str, np.ndarray]]:
+        """Encoded batches of ``CALIBRATION_EXAMPLES`` random training examples, for static int8."""
         rng = np.random.default_rng(seed)
         n = min(CALIBRATION_EXAMPLES, len(self.splits.train))
-        idx = rng.choice(len(self.splits.train), size=n, replace=False)
-        return [self.splits.train.examples[i] for i in idx]
+        examples = [self.splits.train.examples[i] for i in rng.choice(len(self.splits.train), size=n, replace=False)]
+        return [self.modality.encode(examples[i : i + batch], preprocessing=prep) for i in range(0, n, batch)]

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-VERIFY_EXAMPLES = 64
+VERIFY_EXAMPLES = 32
 # The exported trunk must compute the cached features: per example, |exported - cached| / |cached| at most this.
 VERIFY_MAX_ERROR = 0.01
 
@@ -144,8 +144,8 @@ class ProbeTrials:
         self._verify(fp32, np.asarray(cached.arrays["validation"][0]), prep)
         runtime, features = fp32, {}
         if config.quant.mode != "none":
-            calibration = [r.modality.encode([e], preprocessing=prep) for e in r.calibration_examples(r.seed)]
-            runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=config.quant.mode, calibration=calibration)
+            runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=config.quant.mode,
+                                    calibration=r.calibration_feeds(prep, r.seed))
             features = {split: run_onnx(runtime, r.modality, getattr(r.splits, split).examples, preprocessing=prep,
                                         outputs=("features",))[0] for split in ("validation", "test")}
         measured_file = append_linear_head(runtime, folder / "measured.onnx", fit.head)
