@@ -37,6 +37,14 @@ class ExportError(LeptonError):
     """A model could not be exported or reloaded."""
 
 
+class InputError(LeptonError, ValueError):
+    """One input sent for prediction is malformed or too large; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def did_you_mean(name: str, choices: Iterable[str], *, n: int = 3) -> str:
     """Return ``" Did you mean 'x'?"`` (or an empty string) for the nearest of ``choices``."""
     choices = list(choices)

@@ -92,6 +92,15 @@ def build_seeded(modality: Modality, card: BackboneCard, registry: BackboneRegis
 
 
 @dataclass(frozen=True)
+class InputLimits:
+    """What one served input may be: images up to ``max_pixels`` (decompression bombs are refused
+    before decoding), texts up to ``max_text_chars`` characters."""
+
+    max_pixels: int = 40_000_000
+    max_text_chars: int = 20_000
+
+
+@dataclass(frozen=True)
 class ModelParts:
     """A backbone cut in two: ``trunk`` stays frozen, ``tail`` may be fine-tuned.
 
@@ -195,6 +204,13 @@ class Modality(ABC):
     def read_inputs(self, items: Sequence[str]) -> list[Any]:
         """Turn what a user passes to ``lepton predict`` into examples ``encode`` accepts."""
         return list(items)
+
+    def decode_input(self, value: bytes | str, *, limits: InputLimits) -> Any:
+        """One input sent to ``lepton serve`` (an upload's bytes, or a string from JSON) as an example
+        ``encode`` accepts. Raise ``lepton_automl.exceptions.InputError`` naming what is wrong."""
+        from lepton_automl.exceptions import InputError
+
+        raise InputError(f"the {self.name} modality does not take served inputs", status=415)
 
     def save_assets(self, directory: Any, *, preprocessing: Mapping[str, Any]) -> None:
         """Write files ``encode`` needs at predict time (a tokenizer, ...). Optional."""

@@ -94,3 +94,52 @@ def test_a_recipe_whose_trunk_is_gone_says_how_to_recreate_it(probed, tmp_path) 
         materialize(trial)
     assert is_recipe(trial)  # nothing half-written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["orphan"]
+
+
+def test_the_model_card_follows_the_hub_layout_and_names_data_metrics_and_hardware(probed, tmp_path) -> None:
+    import yaml
+
+    runner, root, results = probed
+    trial = tmp_path / "card"
+    shutil.copytree(root / "fp32", trial)
+    materialize(trial, modality=runner.modality, registry=runner.registry)
+    text = (trial / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "onnxruntime" and meta["pipeline_tag"] == "image-classification"
+    assert {"lepton-automl", "image", "onnx"} <= set(meta["tags"])
+    metrics = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["test accuracy"] == pytest.approx(results["fp32"].test_accuracy, abs=1e-4)
+    assert metrics["validation accuracy"] == pytest.approx(results["fp32"].extra["holdout_accuracy"], abs=1e-4)
+    assert body.lstrip().startswith("# shapes image classifier\n")
+    assert "An image classifier into 3 classes" in body
+    splits = runner.splits
+    assert f"split {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test" in body
+    assert "Training examples per class: disc " in body and "threads" in body
+    assert "Pruning: none" in body and "Quantization: none" in body
+    # Portable: nothing in the folder's metadata points at where it was written.
+    assert str(root) not in (trial / "lepton.json").read_text() and str(tmp_path) not in text
+
+
+def test_an_int8_ensemble_reuses_its_members_trunks_and_serves_what_it_scored(image_folder, tmp_path) -> None:
+    modality = ImageModality()
+    runner = _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path, "efficientnet_lite0")
+    base = {"data__image_size": 64, "train__mode": "probe", "prune__method": "none", "quant__mode": "int8"}
+    lite0 = runner.evaluate({"backbone": "efficientnet_lite0", **base}, trial_dir=tmp_path / "lite0", seed=0)
+    both = runner.evaluate({"backbone": "efficientnet_lite0+efficientnet_lite1", **base}, trial_dir=tmp_path / "both",
+                           seed=1)
+    store = runner.probes.trunks
+    # lite0's int8 entry was reused, lite1's was made for the ensemble: three entries in all.
+    assert len(list(store.root.iterdir())) == 3
+    members = [store.get(lite0.extra["trunk"])] + [store.get(p.name) for p in store.root.iterdir()
+                                                   if p.name not in (lite0.extra["trunk"], both.extra["trunk"])]
+    ensemble = store.get(both.extra["trunk"])
+    np.testing.assert_array_equal(ensemble.features["validation"],
+                                  np.concatenate([m.features["validation"] for m in members], axis=1))
+    assert both.extra["gmacs"] > lite0.extra["gmacs"] and both.params_m > lite0.params_m
+    materialize(tmp_path / "both", modality=modality, registry=runner.registry)
+    assert load_metadata(tmp_path / "both")["runtime_file"] == "model.int8.onnx"
+    for split, expected in (("validation", both.extra["holdout_accuracy"]), ("test", both.test_accuracy)):
+        data = getattr(runner.splits, split)
+        served = Predictor(tmp_path / "both").logits(list(data.examples)).argmax(1)
+        assert float((served == data.labels).mean()) == pytest.approx(expected)

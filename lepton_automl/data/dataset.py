@@ -61,6 +61,7 @@ class LabelledData:
             labels=self.labels[idx],
             classes=self.classes,
             name=name or self.name,
+            report=self.report,
             split_of=tuple(self.split_of[i] for i in idx) if self.split_of else (),
         )
 

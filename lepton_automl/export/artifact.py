@@ -47,6 +47,8 @@ def save_artifact(
     metrics: Mapping[str, Any],
     name: str = "Lepton model",
     runtime: str = "onnxruntime",
+    data: Mapping[str, Any] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an export folder. ``model`` is the torch ``ExportModel`` (saved as safetensors).
 
@@ -83,6 +85,8 @@ def save_artifact(
         "runtime": runtime,
         "input_names": list(modality.input_names()),
         "metrics": dict(metrics),
+        **({"data": dict(data)} if data else {}),  # what the model was trained on (model card)
+        **({"search": dict(search)} if search else {}),  # the study and trial that produced it
     }
     (out / "README.md").write_text(render_model_card(meta))
     # lepton.json last, renamed into place: a folder without it is not an export (``load_metadata``
@@ -240,5 +244,8 @@ class Predictor:
         return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, items: Sequence[Any]) -> list[str]:
-        examples = self.modality.read_inputs(list(items))
+        """Class names for what a user passes (files, folders, texts, a table of texts)."""
+        return self.predict_examples(self.modality.read_inputs(list(items)))
+
+    def predict_examples(self, examples: Sequence[Any]) -> list[str]:
         return [self.classes[i] for i in self.logits(examples).argmax(1)]

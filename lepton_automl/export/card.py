@@ -1,49 +1,137 @@
-"""The model card written beside every export (Mitchell et al., "Model Cards for Model Reporting", 2019)."""
+"""The model card written beside every export: Hugging Face's model-card layout (YAML front matter with
+``library_name``, ``tags``, ``pipeline_tag`` and ``model-index`` metrics, then the text), with the
+content of Mitchell et al., "Model Cards for Model Reporting" (2019): the data, every metric with the
+split it comes from, latency and cost with their hardware, the compression, the search, limitations."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
+
+PIPELINE_TAGS = {"image": "image-classification", "text": "text-classification",
+                 "audio": "audio-classification", "tabular": "tabular-classification"}
+
+
+def _article(word: str) -> str:
+    return "An" if word[:1].lower() in "aeiou" else "A"
+
+
+def _yaml_str(value: Any) -> str:
+    return json.dumps(str(value))  # a JSON string is a valid YAML scalar
+
+
+def front_matter(meta: Mapping[str, Any]) -> list[str]:
+    m = meta.get("metrics", {})
+    modality = str(meta["modality"])
+    tag = PIPELINE_TAGS.get(modality, f"{modality}-classification")
+    data_name = (meta.get("data") or {}).get("name", "user data")
+    lines = ["---", "library_name: onnxruntime", "tags:", "- lepton-automl", f"- {modality}", "- onnx"]
+    if meta.get("runtime_file", "").endswith("int8.onnx"):
+        lines.append("- int8")
+    lines += [f"pipeline_tag: {tag}", "model-index:", f"- name: {_yaml_str(meta.get('name', 'Lepton model'))}",
+              "  results:", "  - task:", f"      type: {tag}", "    dataset:", f"      name: {_yaml_str(data_name)}",
+              "      type: user", "    metrics:"]
+    for key, split in (("holdout_accuracy", "validation"), ("test_accuracy", "test")):
+        if m.get(key) is not None:
+            lines += ["    - type: accuracy", f"      name: {_yaml_str(f'{split} accuracy')}",
+                      f"      value: {float(m[key]):.4f}"]
+    lines.append("---")
+    return lines
 
 
 def render_model_card(meta: Mapping[str, Any]) -> str:
     card = meta["backbone"]
+    members = meta.get("members") or [card]
     m = meta.get("metrics", {})
     params = meta.get("params", {})
+    data = meta.get("data") or {}
+    search = meta.get("search") or {}
+    modality = str(meta["modality"])
 
     def fmt(key: str, spec: str = ".4f") -> str:
         v = m.get(key)
         return "n/a" if v is None else format(v, spec)
 
+    mode = params.get("train__mode", "probe")
+    training = {"probe": "a linear probe (logistic regression) on the frozen backbone's features, its L2 strength "
+                         "chosen by 5-fold cross-validation",
+                "finetune": f"the last {meta.get('finetune_blocks')} block(s) fine-tuned on frozen trunk outputs",
+                "full": "every layer fine-tuned, starting from a linear probe"}.get(str(mode), str(mode))
+    prune = params.get("prune__method", "none")
+    pruning = "none" if prune in (None, "none") else (
+        f"{prune}, {float(params.get('prune__amount', 0)):.0%}"
+        + (f" ({params['prune__target']})" if params.get("prune__target") else ""))
+    quant = params.get("compress__quant") or params.get("quant__mode", "none")
+    runtime = (f"`{meta['runtime_file']}` in ONNX Runtime" if meta.get("runtime", "onnxruntime") == "onnxruntime"
+               else f"`{meta['runtime']}` (torch, re-applied to `model.safetensors` on load)")
+    size = params.get("data__image_size") or params.get("data__max_length")
     lines = [
+        *front_matter(meta),
+        "",
         f"# {meta.get('name', 'Lepton model')}",
         "",
-        f"A {meta['modality']} classifier exported by Lepton AutoML {meta.get('lepton_version', '')}.",
+        f"{_article(modality)} {modality} classifier into {len(meta['classes'])} classes, found and exported by "
+        f"Lepton AutoML {meta.get('lepton_version', '')}.",
         "",
         "## Model",
-        f"- Backbone: `{card['name']}` (`{card['ref']}`), license {card.get('license', 'unknown')}",
-        f"- Pretrained weights: {card.get('weights') or 'none (random initialisation)'}",
-        f"- Training: {params.get('train__mode', 'probe')}"
-        + (f", last {meta.get('finetune_blocks')} blocks fine-tuned" if meta.get("finetune_blocks") else ""),
-        f"- Quantization: {params.get('compress__quant') or params.get('quant__mode', 'none')}; "
-        + (f"runtime file `{meta['runtime_file']}` (ONNX Runtime)" if meta.get("runtime", "onnxruntime") == "onnxruntime"
-           else f"runtime `{meta['runtime']}` (torch, re-applied to `model.safetensors` on load)"),
-        f"- Classes ({len(meta['classes'])}): {', '.join(map(str, meta['classes']))}",
+        *(f"- Backbone: `{c['name']}` (`{c['ref']}`), license {c.get('license') or 'unknown'}; pretrained "
+          f"weights: {c.get('weights') or 'none (random initialisation)'}" for c in members),
+        *(["- The backbones run side by side and one linear head reads their concatenated features."]
+          if len(members) > 1 else []),
+        f"- Input: {'images resized to ' + str(size) + ' px' if modality == 'image' and size else ''}"
+        f"{'texts truncated to ' + str(size) + ' tokens' if modality == 'text' and size else ''}"
+        f"{'as the modality encodes it' if not size else ''}",
+        f"- Training: {training}",
+        f"- Pruning: {pruning}",
+        f"- Quantization: {quant}; served from {runtime}",
+        f"- Classes: {', '.join(map(str, meta['classes']))}",
+        "",
+        "## Data",
+    ]
+    if data:
+        splits = data.get("splits", {})
+        lines += [f"- Dataset: {data.get('name', 'user data')}; split {splits.get('train', '?')} train / "
+                  f"{splits.get('validation', '?')} validation / {splits.get('test', '?')} test examples "
+                  f"(seed {search.get('seed', '?')})"]
+        per_class = data.get("train_per_class") or {}
+        if per_class:
+            lines.append("- Training examples per class: " + ", ".join(f"{k} {v}" for k, v in per_class.items()))
+        fixes = data.get("fixes") or []
+        lines.append("- Fixes made by the data check: " + ("; ".join(fixes) if fixes else "none needed"))
+    else:
+        lines.append("- Not recorded for this export.")
+    lines += [
         "",
         "## Measured",
-        "| metric | value |",
-        "|---|---|",
-        f"| validation accuracy | {fmt('accuracy')} |",
-        f"| test accuracy | {fmt('test_accuracy')} |",
-        f"| latency, batch 1, median (ms) | {fmt('latency_ms', '.3f')} |",
-        f"| latency, batch 1, p90 (ms) | {fmt('latency_p90_ms', '.3f')} |",
-        f"| latency, batch {m.get('serving_batch', '?')}, median (ms) | {fmt('latency_serving_batch_ms', '.3f')} |",
-        f"| file size (MB) | {fmt('size_mb', '.2f')} |",
-        f"| parameters (M) | {fmt('params_m', '.2f')} |",
-        f"| cost objective (USD) | {fmt('cost_usd', '.6f')} |",
+        "| metric | value | measured on |",
+        "|---|---|---|",
+        f"| objective accuracy | {fmt('accuracy')} | "
+        + ("5-fold cross-validation over train+validation, minus the compression's loss on validation"
+           if m.get("cv_accuracy") is not None else "validation split") + " |",
+        f"| validation accuracy | {fmt('holdout_accuracy')} | validation split, this file |",
+        f"| test accuracy | {fmt('test_accuracy')} | test split, this file (never used to choose) |",
+        f"| latency, batch 1, median / p90 (ms) | {fmt('latency_ms', '.3f')} / {fmt('latency_p90_ms', '.3f')} | "
+        f"{m.get('latency_device', 'the search machine')}, {m.get('latency_threads', '?')} threads |",
+        f"| latency, batch {m.get('serving_batch', '?')}, median (ms) | {fmt('latency_serving_batch_ms', '.3f')} | "
+        "same |",
+        f"| throughput (examples/s) | {fmt('throughput_per_s', '.1f')} | same, serving batch |",
+        f"| MACs per example (G) | {fmt('gmacs', '.3f')} | counted on the torch model |",
+        f"| parameters (M) | {fmt('params_m', '.2f')} | |",
+        f"| file size, raw / gzip (MB) | {fmt('size_mb', '.2f')} / {fmt('size_gz_mb', '.2f')} | the runtime file |",
+        f"| cost objective (USD) | {fmt('cost_usd', '.6f')} | training time + serving at the measured throughput, "
+        "priced by the search's hardware profiles |",
         "",
-        f"Latency was timed in the model's runtime on {m.get('latency_device', 'the search machine')} "
-        f"({m.get('latency_threads', '?')} threads).",
+        "## Search",
+    ]
+    if search:
+        budget = search.get("budget_s")
+        lines.append(f"- Study `{search.get('study', '?')}`, trial {search.get('trial', '?')}"
+                     + (f", search budget {float(budget):.0f} s" if budget else "")
+                     + f"; training took {fmt('train_seconds', '.1f')} s.")
+    else:
+        lines.append("- Not recorded for this export.")
+    lines += [
         "",
         "## Hyperparameters",
         "```",
@@ -56,8 +144,10 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         "```",
         "",
         "## Limitations",
-        "Accuracy was measured on a held-out split of the training data only; check it on data from",
-        "your deployment before relying on it.",
+        "- Accuracy was measured on held-out splits of the same data the model was trained on; check it on data",
+        "  from your deployment before relying on it.",
+        "- Latency was measured on the machine named above; other CPUs (and their int8 kernels) differ.",
+        f"- The model knows only the {len(meta['classes'])} classes above: every input gets one of them.",
         "",
     ]
     return "\n".join(lines)

@@ -68,3 +68,37 @@ def append_linear_head(trunk_path: str | Path, dst: str | Path, head: torch.nn.M
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     return dst
+
+
+def merge_side_by_side(trunk_paths: list[str | Path], dst: str | Path, *, input_names: list[str]) -> Path:
+    """One trunk file running several trunk files on the same inputs, their ``features`` concatenated
+    (the ONNX twin of ``ConcatTrunk``): each graph's names get a prefix, the inputs stay shared."""
+    import onnx
+    from onnx import compose, helper
+
+    models = [onnx.load(str(p)) for p in trunk_paths]
+    nodes, initializers, outputs = [], [], []
+    opsets: dict[str, int] = {}
+    for i, model in enumerate(models):
+        if [o.name for o in model.graph.output] != [FEATURES]:
+            raise ExportError(f"{trunk_paths[i]} is not a trunk file (outputs {[o.name for o in model.graph.output]})")
+        prefixed = compose.add_prefix(model, prefix=f"m{i}_")
+        shared = {f"m{i}_{name}": name for name in input_names}
+        for node in prefixed.graph.node:
+            node.input[:] = [shared.get(x, x) for x in node.input]
+        nodes.extend(prefixed.graph.node)
+        initializers.extend(prefixed.graph.initializer)
+        outputs.append(f"m{i}_{FEATURES}")
+        for opset in model.opset_import:
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    nodes.append(helper.make_node("Concat", outputs, [FEATURES], axis=1))
+    graph = helper.make_graph(nodes, "lepton_ensemble_trunk", inputs=list(models[0].graph.input),
+                              outputs=[helper.make_tensor_value_info(FEATURES, onnx.TensorProto.FLOAT,
+                                                                     ["batch", "features"])],
+                              initializer=initializers)
+    merged = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    merged.ir_version = max(m.ir_version for m in models)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(merged, str(dst))
+    return dst

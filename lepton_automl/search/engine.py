@@ -216,7 +216,7 @@ def search(
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
                          threads=threads, trial_timeout=trial_timeout, search_ends_at=search_ends_at,
                          class_weights=class_weights, early_stopping=early_stopping, serving_batch=serving_batch,
-                         progress=progress, n_trials=n_trials)
+                         progress=progress, n_trials=n_trials, budget_s=timeout)
     done = counted_trials(study)
     remaining = max(0, n_trials - done)
     if remaining == 0:

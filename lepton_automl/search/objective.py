@@ -104,6 +104,7 @@ class TrialRunner:
     progress: Progress | None = None
     train_cost_ratio: float | None = None  # measured on this study's full fine-tuning trials
     n_trials: int | None = None  # the study's total (all workers): a trial past it is not run
+    budget_s: float | None = None  # the search's --timeout, for the model card
 
     def __post_init__(self) -> None:
         # One trunk store per worker process: each removes its own when it finishes, after writing out
@@ -139,7 +140,9 @@ class TrialRunner:
             backbone=str(params["backbone"]), quant=str(params.get("quant__mode", "none")))
         try:
             result = self.evaluate(params, trial_dir=self.run_dir / f"trial-{trial.number:04d}",
-                                   seed=self.seed + trial.number, stop=stop)
+                                   seed=self.seed + trial.number, stop=stop,
+                                   search={"study": trial.study.study_name, "trial": trial.number,
+                                           "budget_s": self.budget_s, "seed": self.seed})
         except TrialStopped as exc:
             trial.set_user_attr("early_stop_reason", str(exc))
             trial.set_user_attr("curve", stop.curve if stop else [])
@@ -165,7 +168,7 @@ class TrialRunner:
 
     # -- one configuration, end to end ------------------------------------------------------
     def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int,
-                 stop: StopCheck | None = None) -> TrialResult:
+                 stop: StopCheck | None = None, search: Mapping[str, Any] | None = None) -> TrialResult:
         start = time.perf_counter()
         config = TrialConfig.from_params(params)
         deadline = Deadline(start, self.trial_timeout, self.search_ends_at)
@@ -174,7 +177,7 @@ class TrialRunner:
         prep = self._preprocessing(cards, params)
         if config.probe_only(self.modality.structured_pruning):
             return self.probes.evaluate(config, params, cards, prep, trial_dir=trial_dir, start=start,
-                                        deadline=deadline)
+                                        deadline=deadline, search=search or {"seed": self.seed})
         member_parts = [build_seeded(self.modality, c, self.registry, params=params,
                                      finetune_blocks=config.finetune_blocks, pretrained=self.pretrained, seed=self.seed)
                         for c in cards]
@@ -211,7 +214,7 @@ class TrialRunner:
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
                       card=card, members=cards if len(cards) > 1 else None, params=params, classes=self.splits.classes, preprocessing=prep,
                       finetune_blocks=config.finetune_blocks, metrics=metrics,
-                      name=f"{self.splits.train.name} classifier")
+                      name=self.model_name(), data=self.data_card(), search=search or {"seed": self.seed})
         prune = config.prune
         logger.info(
             "%s %s %s prune=%s quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)",
@@ -475,6 +478,18 @@ class TrialRunner:
         return measure_artifact(runtime, latency_input, model=model, input_names=self.modality.input_names(),
                                 cost=self.cost, train_seconds=train_seconds, threads=self.threads,
                                 serving_batch=self.serving_batch)
+
+    # -- what the model card says ------------------------------------------------------------
+    def data_card(self) -> dict[str, Any]:
+        train = self.splits.train
+        counts = np.bincount(train.labels, minlength=len(self.splits.classes))
+        return {"name": train.name.rsplit(":", 1)[0],
+                "splits": {s: len(getattr(self.splits, s)) for s in ("train", "validation", "test")},
+                "train_per_class": {str(c): int(n) for c, n in zip(self.splits.classes, counts)},
+                "fixes": list(train.report)}
+
+    def model_name(self) -> str:
+        return f"{self.data_card()['name']} {self.modality.name} classifier"
 
     # -- inputs -----------------------------------------------------------------------------
     def latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:

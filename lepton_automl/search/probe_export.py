@@ -34,14 +34,15 @@ HEAD = "probe-head.safetensors"
 def write_recipe(trial_dir: Path, *, head: torch.nn.Module, trunk: Path, quant: str, modality: Modality,
                  cards: Sequence[BackboneCard], params: Mapping[str, Any], classes: Sequence[str],
                  preprocessing: Mapping[str, Any], metrics: Mapping[str, Any], pretrained: bool, seed: int,
-                 name: str) -> Path:
+                 name: str, data: Mapping[str, Any] | None = None, search: Mapping[str, Any] | None = None) -> Path:
     from safetensors.torch import save_file
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(trial_dir / HEAD))
     recipe = {"trunk": str(Path(trunk).resolve()), "quant": quant, "modality": modality.name,
               "cards": [card_to_dict(c) for c in cards], "params": dict(params), "classes": list(map(str, classes)),
-              "preprocessing": dict(preprocessing), "metrics": dict(metrics), "pretrained": pretrained, "seed": seed, "name": name}
+              "preprocessing": dict(preprocessing), "metrics": dict(metrics), "pretrained": pretrained, "seed": seed, "name": name,
+              "data": dict(data or {}), "search": dict(search or {})}
     (trial_dir / RECIPE).write_text(json.dumps(recipe, indent=2, default=str))
     return trial_dir
 
@@ -97,7 +98,7 @@ def materialize(trial_dir: str | Path, *, modality: Modality | None = None,
         save_artifact(work, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=modality, card=cards[0],
                       members=cards if len(cards) > 1 else None, params=recipe["params"], classes=recipe["classes"],
                       preprocessing=recipe["preprocessing"], finetune_blocks=0, metrics=recipe["metrics"],
-                      name=recipe["name"])
+                      name=recipe["name"], data=recipe.get("data"), search=recipe.get("search"))
         for keep in (RECIPE, HEAD):
             shutil.copyfile(trial_dir / keep, work / keep)
         old = trial_dir.with_name(trial_dir.name + f".old{os.getpid()}")

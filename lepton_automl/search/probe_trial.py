@@ -4,7 +4,10 @@ Everything that depends only on the trunk is done once per trunk signature and s
 on it (``search/trunks.py``): the ONNX export, its check against the cached features, int8
 quantization, the quantized trunk's features on the validation and test splits, and the latency,
 throughput, size and MACs of trunk + head. The probe fit itself (L2 strength by cross-validation) is
-shared by the trials on the same features, whatever they quantize. What is left per trial is
+shared by the trials on the same features, whatever they quantize. An ensemble's trunk entry is its
+members' entries side by side (``export/compose.merge_side_by_side``: their files merged, their
+quantized outputs concatenated), so an ensemble probe costs a probe fit and a latency measurement once
+its members were probed. What is left per trial is
 scoring the head on stored features and writing the head with a recipe (``search/probe_export.py``);
 the model files are written for the trials a user can be shown (the front), or on request.
 """
@@ -23,16 +26,17 @@ from lepton_automl.backbones import BackboneCard
 from lepton_automl.compression.quantization import quantize_onnx
 from lepton_automl.cost.measurement import measure_artifact
 from lepton_automl.exceptions import ExportError
-from lepton_automl.export.compose import TrunkFeatures, append_linear_head
+from lepton_automl.cost.macs import count_macs
+from lepton_automl.export.compose import TrunkFeatures, append_linear_head, merge_side_by_side
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.export.trunk import run_onnx
-from lepton_automl.interfaces import ConcatTrunk, ExportModel, ModelParts, TrialResult, build_seeded
+from lepton_automl.interfaces import ExportModel, ModelParts, TrialResult, build_seeded
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.limits import Deadline
 from lepton_automl.search.probe_export import write_recipe
 from lepton_automl.search.scoring import concat_features, head_accuracy
-from lepton_automl.search.trunks import TrunkStore
+from lepton_automl.search.trunks import TrunkEntry, TrunkStore
 from lepton_automl.training.cache import CachedArrays, cache_key
 from lepton_automl.training.trainer import ProbeFit, select_probe
 
@@ -46,6 +50,14 @@ VERIFY_EXAMPLES = 32
 VERIFY_MAX_ERROR = 0.01
 
 
+def _head_gmacs(fit: ProbeFit) -> float:
+    return fit.head[1].weight.numel() / 1e9
+
+
+def _head_params_m(fit: ProbeFit) -> float:
+    return (fit.head[1].weight.numel() + fit.head[1].bias.numel()) / 1e6
+
+
 class ProbeTrials:
     """The probe path of a ``TrialRunner``; holds the fits shared across its trials."""
 
@@ -55,7 +67,8 @@ class ProbeTrials:
         self._fits: dict[str, ProbeFit] = {}
 
     def evaluate(self, config: TrialConfig, params: Mapping[str, Any], cards: list[BackboneCard],
-                 prep: Mapping[str, Any], *, trial_dir: Path, start: float, deadline: Deadline) -> TrialResult:
+                 prep: Mapping[str, Any], *, trial_dir: Path, start: float, deadline: Deadline,
+                 search: Mapping[str, Any]) -> TrialResult:
         r = self.runner
         seconds: dict[str, float] = {}
         clock = [start]
@@ -75,15 +88,13 @@ class ProbeTrials:
             return built[i]
 
         keys = [r.feature_key(card, prep, config) for card in cards]
-        cached = concat_features([r.features(card, lambda i=i: member(i), prep, config, key=key)
-                                  for i, (card, key) in enumerate(zip(cards, keys))])
+        members = [r.features(card, lambda i=i: member(i), prep, config, key=key)
+                   for i, (card, key) in enumerate(zip(cards, keys))]
+        cached = concat_features(members)
         done("features")
         fit = self._fit(keys, cached)
         done("training")
-        trunk_key = cache_key({"features": keys, "quant": config.quant.mode, "classes": len(r.splits.classes),
-                               "threads": r.threads, "serving_batch": r.serving_batch})
-        entry = self.trunks.get(trunk_key) or self.trunks.build(
-            trunk_key, lambda folder: self._make_trunk(folder, config, cards, member, prep, cached, fit))
+        entry = self._entry(keys, member, members, prep, config.quant.mode, fit)
         done("trunk")
 
         validation = entry.features.get("validation", cached.arrays["validation"][0])
@@ -107,7 +118,7 @@ class ProbeTrials:
                      cards=cards, params=params, classes=r.splits.classes, preprocessing=prep,
                      metrics={"accuracy": accuracy, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
                               **extra},
-                     pretrained=r.pretrained, seed=r.seed, name=f"{r.splits.train.name} classifier")
+                     pretrained=r.pretrained, seed=r.seed, name=r.model_name(), data=r.data_card(), search=search)
         done("recipe")
         extra["stage_seconds"] = seconds
         logger.info("%s %s probe quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)", config.backbone,
@@ -132,29 +143,81 @@ class ProbeTrials:
                                            class_weights=r.class_weights_for_training())
         return self._fits[key]
 
-    def _make_trunk(self, folder: Path, config: TrialConfig, cards: list[BackboneCard],
-                    member: Callable[[int], ModelParts], prep: Mapping[str, Any], cached: CachedArrays,
-                    fit: ProbeFit) -> tuple[str, str, dict[str, np.ndarray], dict[str, Any]]:
+    def _trunk_key(self, keys: list[str], quant: str) -> str:
         r = self.runner
-        trunk = member(0).trunk if len(cards) == 1 else ConcatTrunk([member(i).trunk for i in range(len(cards))])
+        return cache_key({"features": keys, "quant": quant, "classes": len(r.splits.classes), "threads": r.threads,
+                          "serving_batch": r.serving_batch})
+
+    def _entry(self, keys: list[str], member: Callable[[int], ModelParts], cached: list[CachedArrays],
+               prep: Mapping[str, Any], quant: str, fit: ProbeFit) -> TrunkEntry:
+        """The trunk entry of these features at ``quant``. An ensemble's is its members' entries side by
+        side (each shared with that member's own probes): nothing is exported, quantized or run twice."""
+        key = self._trunk_key(keys, quant)
+        found = self.trunks.get(key)
+        if found is not None:
+            return found
+        if len(keys) == 1:
+            return self.trunks.build(key, lambda folder: self._make_trunk(
+                folder, lambda: member(0).trunk, quant, prep, np.asarray(cached[0].arrays["validation"][0]), fit))
+        parts = [self._entry([k], lambda _, i=i: member(i), [c], prep, quant, self._fit([k], c))
+                 for i, (k, c) in enumerate(zip(keys, cached))]
+        joined = np.concatenate([np.asarray(c.arrays["validation"][0]) for c in cached], axis=1)
+        return self.trunks.build(key, lambda folder: self._merge_trunks(folder, parts, quant, prep, joined, fit))
+
+    def _make_trunk(self, folder: Path, trunk: Callable[[], torch.nn.Module], quant: str, prep: Mapping[str, Any],
+                    cached_validation: np.ndarray, fit: ProbeFit) -> tuple[str, str, dict[str, np.ndarray], dict[str, Any]]:
+        r = self.runner
+        module = trunk()
         example = r.modality.encode(r.splits.train.examples[:1], preprocessing=prep)
-        fp32 = export_onnx(TrunkFeatures(trunk), example, folder / "trunk.onnx",
+        fp32 = export_onnx(TrunkFeatures(module), example, folder / "trunk.onnx",
                            input_names=r.modality.input_names(), dynamic_axes=r.modality.dynamic_axes(),
                            output_names=("features",))
-        self._verify(fp32, np.asarray(cached.arrays["validation"][0]), prep)
+        self._verify(fp32, cached_validation, prep)
         runtime, features = fp32, {}
-        if config.quant.mode != "none":
-            runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=config.quant.mode,
+        if quant != "none":
+            runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=quant,
                                     calibration=r.calibration_feeds(prep, r.seed))
-            features = {split: run_onnx(runtime, r.modality, getattr(r.splits, split).examples, preprocessing=prep,
-                                        outputs=("features",))[0] for split in ("validation", "test")}
-        measured_file = append_linear_head(runtime, folder / "measured.onnx", fit.head)
-        measured = measure_artifact(
-            measured_file, r.latency_example(prep, r.seed), model=ExportModel(trunk, torch.nn.Identity(), fit.head),
-            input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0, threads=r.threads,
-            serving_batch=r.serving_batch)
-        measured_file.unlink()
-        return runtime.name, config.quant.mode, features, measured
+            features = self._run_splits(runtime, prep)
+        model = ExportModel(module, torch.nn.Identity(), fit.head)
+        latency_input = r.latency_example(prep, r.seed)
+        gmacs = count_macs(model, latency_input, r.modality.input_names()) / 1e9
+        params_m = sum(p.numel() for p in module.parameters()) / 1e6
+        return runtime.name, quant, features, {**self._measure(runtime, prep, fit, (gmacs + _head_gmacs(fit),
+                                                                                    params_m + _head_params_m(fit))),
+                                               "trunk_gmacs": gmacs, "trunk_params_m": params_m}
+
+    def _merge_trunks(self, folder: Path, parts: list[TrunkEntry], quant: str, prep: Mapping[str, Any],
+                      cached_validation: np.ndarray, fit: ProbeFit) -> tuple[str, str, dict[str, np.ndarray], dict[str, Any]]:
+        names = list(self.runner.modality.input_names())
+        fp32 = merge_side_by_side([p.fp32 for p in parts], folder / "trunk.onnx", input_names=names)
+        self._verify(fp32, cached_validation, prep)
+        runtime, features = fp32, {}
+        if quant != "none":
+            runtime = merge_side_by_side([p.runtime for p in parts], folder / "trunk.int8.onnx", input_names=names)
+            features = {split: np.concatenate([p.features[split] for p in parts], axis=1)
+                        for split in ("validation", "test")}
+        gmacs = sum(float(p.measured["trunk_gmacs"]) for p in parts)
+        params_m = sum(float(p.measured["trunk_params_m"]) for p in parts)
+        return runtime.name, quant, features, {**self._measure(runtime, prep, fit, (gmacs + _head_gmacs(fit),
+                                                                                    params_m + _head_params_m(fit))),
+                                               "trunk_gmacs": gmacs, "trunk_params_m": params_m}
+
+    def _run_splits(self, path: Path, prep: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        r = self.runner
+        return {split: run_onnx(path, r.modality, getattr(r.splits, split).examples, preprocessing=prep,
+                                outputs=("features",))[0] for split in ("validation", "test")}
+
+    def _measure(self, runtime: Path, prep: Mapping[str, Any], fit: ProbeFit,
+                 counts: tuple[float, float]) -> dict[str, Any]:
+        """Latency, throughput and size of the trunk with a head of the study's shape appended."""
+        r = self.runner
+        composed = append_linear_head(runtime, runtime.with_name("measured.onnx"), fit.head)
+        try:
+            return measure_artifact(composed, r.latency_example(prep, r.seed), model=None,
+                                    input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
+                                    threads=r.threads, serving_batch=r.serving_batch, counts=counts)
+        finally:
+            composed.unlink()
 
     def _verify(self, path: Path, cached_validation: np.ndarray, prep: Mapping[str, Any]) -> None:
         """The exported trunk must compute the features the probe was fit on, on real inputs."""

@@ -2,7 +2,7 @@
 
 - Storage: Optuna's ``RDBStorage`` (SQLite by default, PostgreSQL for many machines) with heartbeats.
   A trial whose worker stopped beating for ``GRACE_S`` becomes FAIL when any worker next starts a
-  trial, and ``RetryFailedTrialCallback`` queues it again, once.
+  trial, and ``RetryHeartbeatStaleTrialCallback`` queues it again, once.
 - On one machine a rerun need not wait for the grace period: trials left RUNNING by a process of this
   host that no longer exists are failed (with the reason) and queued again at start.
 - Each worker's sampler has its own seed, derived from the user's seed and the worker's index
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from lepton_automl.log import get_logger
@@ -50,7 +50,7 @@ def make_storage(url: str) -> RDBStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
                                   grace_period=GRACE_S,
-                                  heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
         except (IntegrityError, OperationalError, ProgrammingError):
             # Workers started together race to create the tables; the loser finds them made.
             if attempt == 4:
@@ -91,7 +91,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryFailedTrialCallback(max_retry=1)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(t.user_attrs.get(WORKER_ATTR, ""))

@@ -18,8 +18,8 @@ from torch import nn
 
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.data.dataset import LabelledData
-from lepton_automl.exceptions import DataError
-from lepton_automl.interfaces import Modality, ModelParts, TupleOut
+from lepton_automl.exceptions import DataError, InputError
+from lepton_automl.interfaces import InputLimits, Modality, ModelParts, TupleOut
 from lepton_automl.log import get_logger
 
 logger = get_logger(__name__)
@@ -36,13 +36,18 @@ def load_rgb(example: Any, size: int | Sequence[int]) -> np.ndarray:
 
     ``size`` is one side of a square, or ``(height, width)``.
     """
-    from PIL import Image
-
     if isinstance(example, np.ndarray):
         img = Image.fromarray(example)
     else:
         img = Image.open(example)
         img.seek(0)  # first frame of animated GIF/WebP
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    img = to_rgb(img).resize((width, height), Image.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white and 16-bit images scaled to 8 bits."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -50,9 +55,28 @@ def load_rgb(example: Any, size: int | Sequence[int]) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         img = Image.fromarray(np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    img = img.convert("RGB").resize((width, height), Image.BICUBIC)
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """An uploaded image's bytes as an RGB uint8 array; ``InputError`` for what is not a whole image or
+    has more than ``max_pixels`` pixels (checked from the header, before any pixel is decoded)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise InputError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
+                             f"{max_pixels:,}", status=413)
+        img.seek(0)
+        img.load()
+        return np.asarray(to_rgb(img), dtype=np.uint8)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"the image is too large to decode safely ({exc})", status=413) from None
+    except Exception as exc:
+        raise InputError(f"not a readable image ({type(exc).__name__}: {str(exc)[:200]}); send PNG, JPEG, GIF, "
+                         "BMP, TIFF or WebP bytes") from None
 
 
 class _Flatten(nn.Module):
@@ -234,6 +258,36 @@ class ImageModality(Modality):
             "std": list(card.std or (0.229, 0.224, 0.225)),
             "interpolation": "bicubic",
         }
+
+    def read_inputs(self, items: Sequence[str]) -> list[Any]:
+        """Image files, and folders (every image under them, sorted)."""
+        out: list[Any] = []
+        for item in items:
+            path = Path(item)
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                if not found:
+                    raise DataError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {item!r}.")
+                out.extend(str(p) for p in found)
+            elif path.is_file():
+                out.append(str(path))
+            else:
+                raise DataError(f"{item!r} is neither an image file nor a folder of images. Check the path.")
+        return out
+
+    def decode_input(self, value: bytes | str, *, limits: InputLimits) -> np.ndarray:
+        """Upload bytes, or a base64 string in JSON (a ``data:image/...;base64,`` prefix is allowed)."""
+        if isinstance(value, str):
+            import base64
+            import binascii
+
+            text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+            try:
+                value = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError("an image in JSON must be a base64 string (optionally a data: URL); this one "
+                                 "is not valid base64") from None
+        return decode_image(value, max_pixels=limits.max_pixels)
 
     def encode(
         self, examples: Sequence[Any], *, preprocessing: Mapping[str, Any]

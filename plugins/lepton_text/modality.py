@@ -17,8 +17,8 @@ from torch import nn
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.data.tables import is_table, read_table, text_data_from_dataset
-from lepton_automl.exceptions import DataError
-from lepton_automl.interfaces import Modality, ModelParts
+from lepton_automl.exceptions import DataError, InputError
+from lepton_automl.interfaces import InputLimits, Modality, ModelParts
 from lepton_automl.log import get_logger
 
 logger = get_logger(__name__)
@@ -231,6 +231,41 @@ class TextModality(Modality):
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {name: {0: "batch", 1: "sequence"} for name in self.input_names()}
+
+    def read_inputs(self, items: Sequence[str]) -> list[Any]:
+        """Texts as given; a table file (.csv/.tsv/.jsonl/.parquet) stands for its text column
+        (``text``, or the only string column)."""
+        out: list[Any] = []
+        for item in items:
+            if is_table(item) and Path(item).is_file():
+                table = read_table(item)
+                strings = [c for c in table.column_names
+                           if str(table.features[c]).startswith("Value('string')") or
+                           getattr(table.features[c], "dtype", "") == "string"]
+                column = "text" if "text" in table.column_names else (strings[0] if len(strings) == 1 else None)
+                if column is None:
+                    raise DataError(f"{item!r} has no 'text' column and {len(strings)} string columns "
+                                    f"({strings}); rename the column to predict on to 'text'.")
+                out.extend("" if v is None else str(v) for v in table[column])
+            else:
+                out.append(item)
+        return out
+
+    def decode_input(self, value: bytes | str, *, limits: InputLimits) -> str:
+        """A JSON string, or an uploaded UTF-8 text file."""
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"an uploaded text must be UTF-8 ({exc})") from None
+        if not isinstance(value, str):
+            raise InputError(f"a text input must be a string, not {type(value).__name__}")
+        if len(value) > limits.max_text_chars:
+            raise InputError(f"a text of {len(value):,} characters is over the limit of {limits.max_text_chars:,}",
+                             status=413)
+        if not value.strip():
+            raise InputError("a text input is empty")
+        return value
 
     def save_assets(self, directory: Any, *, preprocessing: Mapping[str, Any]) -> None:
         self._tokenizer(str(preprocessing["tokenizer"])).save_pretrained(Path(directory) / "tokenizer")

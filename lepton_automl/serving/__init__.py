@@ -1,0 +1,1 @@
+"""The HTTP server of an export folder (`lepton serve`)."""
