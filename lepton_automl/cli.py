@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lepton_automl.exceptions import LeptonError
+from lepton_automl.exceptions import LeptonError, did_you_mean
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Lepton AutoML: transfer-learning search over accuracy, latency and cost.")
@@ -155,6 +155,7 @@ def search(
     pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy, latency or knee."),
     keep_all_artifacts: bool = typer.Option(False, help="Keep the model files of trials off the front too."),
     export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
+    png: bool = typer.Option(False, "--png", help="Also draw the front and the history as PNG files."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Search backbones, training, and quantization; print the Pareto front and export the pick."""
@@ -193,10 +194,14 @@ def search(
         console.print(f"[bold]Recommended:[/] trial {row.number} ({pick}): {why}.", highlight=False)
         target = export_dir or outcome.run_dir / "best"
         _copy_export(Path(row.artifact), target)
-        from lepton_automl.report import write_html_report
+        from lepton_automl.report import Recommendation, write_html_report, write_pngs
 
+        recommendation = Recommendation(row.number, f"{pick}: {why}")
         report = write_html_report(outcome.run_dir / "report.html", outcome.study, outcome.front,
-                                   title=f"Lepton search {outcome.study.study_name}")
+                                   title=f"Lepton search {outcome.study.study_name}", recommended=recommendation)
+        if png:
+            for file in write_pngs(outcome.run_dir, outcome.study, outcome.front, recommended=recommendation):
+                console.print(f"Plot: {file}", highlight=False)
         console.print(f"Exported to [bold]{target}[/] (safetensors + ONNX + model card).", highlight=False)
         console.print(f"Report: {report}", highlight=False)
         console.print(f"Study '{outcome.study.study_name}' is stored in {outcome.storage}; rerun the same "
@@ -249,6 +254,46 @@ def export(
         console.print(f"Exported to {out}", highlight=False)
     except (LeptonError, KeyError) as exc:
         _fail(exc if isinstance(exc, LeptonError) else LeptonError(str(exc)))
+
+
+@app.command()
+def report(
+    study_name: str = typer.Argument(..., help="Study name (as `lepton search` printed it)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
+    run_dir: Path = typer.Option(Path("lepton_runs")),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default: RUN_DIR/STUDY/report.html)."),
+    pick: str = typer.Option("balanced", help="balanced, accuracy, latency or knee: the trial marked as recommended."),
+    png: bool = typer.Option(False, "--png", help="Also draw the front and the history as PNG files."),
+) -> None:
+    """Write a study's HTML report: the front, the history, parameter importances, every trial."""
+    _setup_logging(False)
+    try:
+        import optuna
+
+        from lepton_automl.report import Recommendation, write_html_report, write_pngs
+        from lepton_automl.search.engine import default_storage, quiet_optuna
+        from lepton_automl.search.front import front_rows
+        from lepton_automl.search.front import pick as pick_row
+
+        quiet_optuna()
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage or default_storage(run_dir))
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage or default_storage(run_dir))]
+            raise LeptonError(f"No study {study_name!r}.{did_you_mean(study_name, names)} Studies: {names or 'none'}.") from None
+        front = front_rows(study)
+        recommendation = None
+        if front:
+            row, why = pick_row(front, rule=pick)
+            recommendation = Recommendation(row.number, f"{pick}: {why}")
+        target = out or run_dir / study_name / "report.html"
+        console.print(f"Report: {write_html_report(target, study, front, title=f'Lepton search {study_name}', recommended=recommendation)}",
+                      highlight=False)
+        if png:
+            for file in write_pngs(target.parent, study, front, recommended=recommendation):
+                console.print(f"Plot: {file}", highlight=False)
+    except LeptonError as exc:
+        _fail(exc)
 
 
 @app.command()

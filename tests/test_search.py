@@ -13,6 +13,7 @@ from lepton_automl.export.artifact import Predictor
 from lepton_automl.search.engine import search
 from lepton_automl.search.front import pick
 from lepton_automl.search.objective import Limits
+from lepton_automl.search.workers import counted_trials
 from lepton_automl.training.trainer import PROBE_L2_GRID
 
 
@@ -66,7 +67,9 @@ def test_rerun_resumes_instead_of_starting_over(image_folder, image_outcome) -> 
     again = search(image_folder, backbones=["efficientnet_lite0"], n_trials=3, run_root=root, seed=0)
     assert len(again.study.trials) == len(outcome.study.trials)
     more = search(image_folder, backbones=["efficientnet_lite0"], n_trials=4, run_root=root, seed=0)
-    assert len(more.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    # one more trial, whatever its outcome (complete, or stopped early by dominance); nothing left running
+    assert counted_trials(more.study) == 4 and len(more.study.trials) == 4
+    assert {t.state for t in more.study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
 
 
 def test_same_study_on_other_data_is_refused(image_outcome, text_csv, tiny_bert_dir) -> None:

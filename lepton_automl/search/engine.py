@@ -9,6 +9,7 @@ passes. Rerunning with the same storage and study name resumes: finished trials 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -189,6 +190,7 @@ def search(
         study.set_user_attr("data_fingerprint", fingerprint)
         study.set_user_attr("modality", mod.name)
         study.set_user_attr("classes", list(splits.classes))
+        study.set_user_attr("limits", dataclasses.asdict(limits or Limits()))  # drawn by the report
     if warm_start and not study.trials:
         configs = (_configs_from_study(warm_start_from, storage, names) if warm_start_from else
                    warm_start_configs(space, mod, registry,
