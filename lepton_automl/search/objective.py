@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -26,11 +25,8 @@ import numpy as np
 import torch
 
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
-from lepton_automl.compression.pruning import prune_structured, prune_transformer, prune_unstructured, zero_fraction
 from lepton_automl.compression.quantization import quantize_onnx
-from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.hardware import CostModel
-from lepton_automl.cost.macs import count_macs
 from lepton_automl.cost.measurement import measure_artifact
 from lepton_automl.data.dataset import Splits
 from lepton_automl.exceptions import ConfigError, ExportError
@@ -41,19 +37,17 @@ from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelPa
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
-from lepton_automl.search.budget import epochs_that_fit
 from lepton_automl.search.limits import Deadline, Limits, TrialTimeout, usefulness_floor
 from lepton_automl.search.probe_trial import ProbeTrials
+from lepton_automl.search.training_steps import TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import Scores, concat_features, head_accuracy, onnx_accuracy
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.search.workers import SURPLUS_ATTR, WORKER_ATTR, is_surplus, worker_identity
 from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, FeatureCache, cache_key
-from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
 from lepton_automl.training.trainer import (
     TrainConfig,
-    fold_standardize,
     inverse_frequency_weights,
     select_probe,
     tail_features,
@@ -65,9 +59,6 @@ __all__ = ["Limits", "TrialRunner", "TrialTimeout", "usefulness_floor", "onnx_ac
 logger = get_logger(__name__)
 
 CALIBRATION_EXAMPLES = 64
-DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configuration names none
-# Layer-wise learning-rate decay for full fine-tuning (ELECTRA and BEiT use 0.65-0.9).
-FULL_FINETUNE_LAYER_DECAY = 0.8
 
 
 class _StageClock:
@@ -109,6 +100,7 @@ class TrialRunner:
     def __post_init__(self) -> None:
         # One trunk store per worker process: each removes its own when it finishes, after writing out
         # the front trials that use it, so no worker ever loses a trunk another one still needs.
+        self.steps = TrainingSteps(self)
         self.probes = ProbeTrials(self, TrunkStore(self.run_dir / "trunks" / worker_identity().replace(":", "-")))
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
@@ -193,7 +185,7 @@ class TrialRunner:
         model, info = self._train(config, parts, cached, prep, seed=seed, deadline=deadline, stop=stop,
                                          latency_input=latency_input)
         deadline.check(stages.done("training"))
-        zeros, rebuild = self._prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
+        zeros, rebuild = self.steps.prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
                                      latency_input=latency_input)
         stages.done("pruning")
         params = {**params, **rebuild}  # what a rebuild of the architecture needs (removed heads)
@@ -212,7 +204,8 @@ class TrialRunner:
         metrics = {"accuracy": scores.accuracy, "test_accuracy": scores.test, "train_seconds": train_seconds,
                    **extra}
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
-                      card=card, members=cards if len(cards) > 1 else None, params=params, classes=self.splits.classes, preprocessing=prep,
+                      card=card, members=cards if len(cards) > 1 else None, params=params,
+                      classes=self.splits.classes, preprocessing=prep,
                       finetune_blocks=config.finetune_blocks, metrics=metrics,
                       name=self.model_name(), data=self.data_card(), search=search or {"seed": self.seed})
         prune = config.prune
@@ -287,140 +280,16 @@ class TrialRunner:
         if config.train.mode == "full":
             # Linear probe first, then every layer from it (LP-FT: Kumar et al., "Fine-Tuning can Distort
             # Pretrained Features and Underperform Out-of-Distribution", ICLR 2022).
-            info = self._fine_tune_full(model, config, prep, seed=seed, deadline=deadline, stop=stop,
+            info = self.steps.fine_tune_full(model, config, prep, seed=seed, deadline=deadline, stop=stop,
                                         latency_input=latency_input)
         elif config.train.mode == "finetune":
-            ft = TrainConfig(lr=float(config.optim.lr), weight_decay=self._weight_decay(config),
+            ft = TrainConfig(lr=float(config.optim.lr), weight_decay=self.steps.weight_decay(config),
                              epochs=int(config.train.epochs), seed=seed, class_weights=weights)
-            judge = self._fine_tune_judge(stop, config, parts, head, cached.arrays["validation"], latency_input)
+            judge = self.steps.fine_tune_judge(stop, config, parts, head, cached.arrays["validation"], latency_input)
             judge(0, head)
             train_tail(parts.tail, head, train_inputs, labels, ft,
                        should_stop=lambda epoch, h: deadline.check(f"fine-tuning epoch {epoch}") or judge(epoch, h))
         return model.eval(), info
-
-    @staticmethod
-    def _weight_decay(config: TrialConfig) -> float:
-        return float(config.optim.weight_decay if config.optim.weight_decay is not None else DEFAULT_WEIGHT_DECAY)
-
-    def _fine_tune_judge(self, stop: StopCheck | None, config: TrialConfig, parts: ModelParts,
-                         head: torch.nn.Module, validation: tuple[np.ndarray, ...],
-                         example: Mapping[str, np.ndarray]) -> Any:
-        """Early stopping during partial fine-tuning: validation accuracy of tail + head on cached trunk
-        outputs after each epoch (epoch 0: the probe the head starts from)."""
-        if stop is None:
-            return lambda epoch, h: False
-        epochs = int(config.train.epochs)
-        later = int(config.prune.recovery_epochs) if config.prune.method == "structured" else 0
-        # MACs left after the pruning still to come, at best: channels cut both sides of a conv,
-        # heads and MLP width cut one side of each projection.
-        keep = 1.0 - float(config.prune.amount)
-        ratio = (keep**2 if self.modality.structured_pruning == "channels" else keep) if later else 1.0
-        gmacs = count_macs(ExportModel(parts.trunk, parts.tail, head), example, self.modality.input_names()) / 1e9
-
-        def judge(epoch: int, h: torch.nn.Module) -> bool:
-            was_training = h.training
-            accuracy = head_accuracy(h.eval(), tail_features(parts.tail, validation), self.splits.validation.labels)
-            h.train(was_training)
-            stop(stage="fine-tuning", epoch=epoch, epochs_left=epochs - epoch + later, accuracy=accuracy,
-                 gmacs=gmacs, macs_ratio=ratio)
-            return False
-
-        return judge
-
-    def _fine_tune_full(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
-                        deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray],
-                        ) -> dict[str, float]:
-        """Fine-tune every layer, keeping the epoch with the best validation accuracy. Its epochs are
-        planned from a predicted epoch time (``_epoch_seconds``); those that cannot finish inside the
-        trial's remaining time are not started."""
-        cfg = FineTuneConfig(epochs=int(config.train.epochs), lr=float(config.optim.lr),
-                             weight_decay=self._weight_decay(config), layer_decay=FULL_FINETUNE_LAYER_DECAY,
-                             seed=seed, class_weights=self.class_weights_for_training())
-        per_epoch = self._epoch_seconds(model, prep, cfg.batch_size)
-        # Recovery after structured pruning comes later in the same trial: keep its time free.
-        keep = 1.0 - float(config.prune.amount)
-        reserve = (per_epoch * int(config.prune.recovery_epochs) *
-                   (keep**2 if self.modality.structured_pruning == "channels" else keep)
-                   if config.prune.method == "structured" else 0.0)
-        fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline, reserve=reserve, what="fine-tuning")
-        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop else 0.0
-
-        def after_epoch(epoch: int, accuracy: float | None) -> None:
-            # Full fine-tuning often dips in its first epochs (the pretrained features are disturbed
-            # before they adapt: 0.29 after epoch 1 of 2 from a 0.46 probe on the glyph set), so it is
-            # judged only from the second half of its epochs on.
-            if stop is not None and accuracy is not None and epoch >= fits / 2:
-                stop(stage="fine-tuning", epoch=epoch, epochs_left=fits - epoch, accuracy=accuracy, gmacs=gmacs)
-
-        cfg = dataclasses.replace(cfg, epochs=fits)
-        begin = time.perf_counter()
-        log = fine_tune(model, self.modality, self.splits.train, prep, cfg, validation=self.splits.validation,
-                        after_batch=lambda epoch: deadline.check(f"fine-tuning epoch {epoch}"),
-                        after_epoch=after_epoch, progress=self.progress)
-        measured = (time.perf_counter() - begin) / max(1, len(log.seconds_per_epoch))
-        return {"predicted_epoch_s": per_epoch, "measured_epoch_s": measured, "epochs_run": fits,
-                "best_epoch": log.best_epoch, "validation_curve": log.curve,
-                "train_cost_ratio": measured * (self.train_cost_ratio or 1.0) / max(per_epoch, 1e-9)}
-
-    def _epoch_seconds(self, model: torch.nn.Module, prep: Mapping[str, Any], batch_size: int = 32) -> float:
-        """Predicted seconds of one training epoch and validation pass: a timed training step times the
-        steps (a forward is about a third of a step), scaled by what this study's finished trials
-        measured against such predictions (``train_cost_ratio``; the optimizer step is not timed)."""
-        step_s = time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size)
-        steps = -(-len(self.splits.train) // batch_size) + -(-len(self.splits.validation) // batch_size) / 3.0
-        return step_s * steps * (self.train_cost_ratio or 1.0)
-
-    # -- 3. pruning -------------------------------------------------------------------------
-    def _prune(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
-               deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray],
-               ) -> tuple[float, dict[str, Any]]:
-        """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
-        the parameters a rebuild of the pruned architecture needs."""
-        prune = config.prune
-        head = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1:]
-        if prune.method == "structured" and self.modality.structured_pruning == "channels":
-            fold_standardize(model.head)
-            example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
-            prune_structured(model, example, amount=float(prune.amount), ignored=head)
-            deadline.check("pruning")
-            epochs = epochs_that_fit(int(prune.recovery_epochs), self._epoch_seconds(model, prep), deadline,
-                                     what="pruning recovery")
-            self._recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
-                          latency_input=latency_input)
-        elif prune.method == "structured" and prune.target == "width":
-            _, heads = prune_transformer(model, amount=float(prune.amount))
-            deadline.check("pruning")
-            epochs = epochs_that_fit(int(prune.recovery_epochs), self._epoch_seconds(model, prep), deadline,
-                                     what="pruning recovery")
-            self._recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
-                          latency_input=latency_input)
-            return zero_fraction(model), {"prune__heads": heads}
-        elif prune.method == "unstructured":
-            prune_unstructured(model, amount=float(prune.amount), ignored=head)
-            zeros = zero_fraction(model)
-            # The head was fit to the unpruned features; refit it to the pruned network's. Measured on
-            # digits (efficientnet_lite0, 96 px, 50% of weights zeroed): 0.128 validation accuracy
-            # with the old head, 0.955 with a refit one, for about 5 s of extraction.
-            outs = run_trunk_fast(model.trunk, self.modality, self.splits.train.examples, preprocessing=prep)
-            model.head = select_probe(tail_features(model.tail, outs), self.splits.train.labels,
-                                      len(self.splits.classes), seed=seed, class_weights=self.class_weights_for_training()).head
-            deadline.check("refitting the head after pruning")
-            return zeros, {}
-        return zero_fraction(model), {}
-
-    def _recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
-                 deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray]) -> None:
-        """Recovery after structured pruning, with deadline checks per batch and early stopping per epoch."""
-        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop is not None else None
-
-        def judge(epoch: int) -> None:
-            if stop is not None and gmacs is not None:
-                stop(stage="pruning recovery", epoch=epoch, epochs_left=epochs - epoch, gmacs=gmacs,
-                     accuracy=evaluate_accuracy(model, self.modality, self.splits.validation, prep))
-
-        recover(model, self.modality, self.splits.train, prep, epochs=epochs, seed=seed,
-                lr=RECOVERY_LR[self.modality.structured_pruning],
-                after_batch=lambda epoch: deadline.check(f"pruning recovery epoch {epoch}"), after_epoch=judge)
 
     # -- 4. export --------------------------------------------------------------------------
     def _export(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], trial_dir: Path,

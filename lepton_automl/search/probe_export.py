@@ -41,7 +41,8 @@ def write_recipe(trial_dir: Path, *, head: torch.nn.Module, trunk: Path, quant: 
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(trial_dir / HEAD))
     recipe = {"trunk": str(Path(trunk).resolve()), "quant": quant, "modality": modality.name,
               "cards": [card_to_dict(c) for c in cards], "params": dict(params), "classes": list(map(str, classes)),
-              "preprocessing": dict(preprocessing), "metrics": dict(metrics), "pretrained": pretrained, "seed": seed, "name": name,
+              "preprocessing": dict(preprocessing), "metrics": dict(metrics), "pretrained": pretrained, "seed": seed,
+              "name": name,
               "data": dict(data or {}), "search": dict(search or {})}
     (trial_dir / RECIPE).write_text(json.dumps(recipe, indent=2, default=str))
     return trial_dir

@@ -58,6 +58,9 @@ def _head_params_m(fit: ProbeFit) -> float:
     return (fit.head[1].weight.numel() + fit.head[1].bias.numel()) / 1e6
 
 
+_Made = tuple[str, str, dict[str, np.ndarray], dict[str, Any]]  # what TrunkStore.build's maker returns
+
+
 class ProbeTrials:
     """The probe path of a ``TrialRunner``; holds the fits shared across its trials."""
 
@@ -165,7 +168,7 @@ class ProbeTrials:
         return self.trunks.build(key, lambda folder: self._merge_trunks(folder, parts, quant, prep, joined, fit))
 
     def _make_trunk(self, folder: Path, trunk: Callable[[], torch.nn.Module], quant: str, prep: Mapping[str, Any],
-                    cached_validation: np.ndarray, fit: ProbeFit) -> tuple[str, str, dict[str, np.ndarray], dict[str, Any]]:
+                    cached_validation: np.ndarray, fit: ProbeFit) -> _Made:
         r = self.runner
         module = trunk()
         example = r.modality.encode(r.splits.train.examples[:1], preprocessing=prep)
@@ -187,7 +190,7 @@ class ProbeTrials:
                                                "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _merge_trunks(self, folder: Path, parts: list[TrunkEntry], quant: str, prep: Mapping[str, Any],
-                      cached_validation: np.ndarray, fit: ProbeFit) -> tuple[str, str, dict[str, np.ndarray], dict[str, Any]]:
+                      cached_validation: np.ndarray, fit: ProbeFit) -> _Made:
         names = list(self.runner.modality.input_names())
         fp32 = merge_side_by_side([p.fp32 for p in parts], folder / "trunk.onnx", input_names=names)
         self._verify(fp32, cached_validation, prep)

@@ -1,4 +1,6 @@
-"""The ``lepton`` command. The only module that writes to the terminal or configures log handlers."""
+"""The ``lepton`` application, its shared helpers, and the search, export, compress, data, registry and
+plugins commands. The ``lepton_automl.cli`` package is the only code that writes to the terminal or
+configures log handlers."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lepton_automl.exceptions import LeptonError, did_you_mean
+from lepton_automl.exceptions import LeptonError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Lepton AutoML: transfer-learning search over accuracy, latency and cost.")
@@ -257,120 +259,6 @@ def export(
 
 
 @app.command()
-def report(
-    study_name: str = typer.Argument(..., help="Study name (as `lepton search` printed it)."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --run-dir)."),
-    run_dir: Path = typer.Option(Path("lepton_runs")),
-    out: Optional[Path] = typer.Option(None, help="HTML file to write (default: RUN_DIR/STUDY/report.html)."),
-    pick: str = typer.Option("balanced", help="balanced, accuracy, latency or knee: the trial marked as recommended."),
-    png: bool = typer.Option(False, "--png", help="Also draw the front and the history as PNG files."),
-) -> None:
-    """Write a study's HTML report: the front, the history, parameter importances, every trial."""
-    _setup_logging(False)
-    try:
-        import optuna
-
-        from lepton_automl.report import Recommendation, write_html_report, write_pngs
-        from lepton_automl.search.engine import default_storage, quiet_optuna
-        from lepton_automl.search.front import front_rows
-        from lepton_automl.search.front import pick as pick_row
-
-        quiet_optuna()
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage or default_storage(run_dir))
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage or default_storage(run_dir))]
-            raise LeptonError(f"No study {study_name!r}.{did_you_mean(study_name, names)} Studies: {names or 'none'}.") from None
-        front = front_rows(study)
-        recommendation = None
-        if front:
-            row, why = pick_row(front, rule=pick)
-            recommendation = Recommendation(row.number, f"{pick}: {why}")
-        target = out or run_dir / study_name / "report.html"
-        console.print(f"Report: {write_html_report(target, study, front, title=f'Lepton search {study_name}', recommended=recommendation)}",
-                      highlight=False)
-        if png:
-            for file in write_pngs(target.parent, study, front, recommended=recommendation):
-                console.print(f"Plot: {file}", highlight=False)
-    except LeptonError as exc:
-        _fail(exc)
-
-
-@app.command()
-def predict(
-    model_dir: Path = typer.Argument(..., help="An export folder."),
-    inputs: list[str] = typer.Argument(..., help="Image files or folders; texts, or a .csv/.jsonl/.parquet of texts."),
-    out: Optional[Path] = typer.Option(None, help="Write a CSV (input, label, probability per class) here."),
-    batch_size: int = typer.Option(64, help="Examples per model call."),
-) -> None:
-    """Predict with an exported model: labels on stdout, or every class's probability in a CSV (--out)."""
-    try:
-        import csv
-
-        import numpy as np
-
-        from lepton_automl.export.artifact import Predictor
-
-        predictor = Predictor.load(model_dir)
-        examples = predictor.modality.read_inputs(list(inputs))
-        if out is None:
-            for item, label in zip(examples, predictor.predict_examples(examples)):
-                typer.echo(f"{item}\t{label}")
-            return
-        from rich.progress import Progress
-
-        logits = []
-        with Progress(console=err, transient=True) as bar:
-            task = bar.add_task("predicting", total=len(examples))
-            for start in range(0, len(examples), batch_size):
-                logits.append(predictor.logits(examples[start : start + batch_size], batch_size=batch_size))
-                bar.advance(task, len(logits[-1]))
-        scores = np.concatenate(logits) if logits else np.zeros((0, len(predictor.classes)))
-        z = np.exp(scores - scores.max(axis=1, keepdims=True))
-        probs = z / z.sum(axis=1, keepdims=True)
-        target = out
-        with open(target, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["input", "label", *(f"p_{c}" for c in predictor.classes)])
-            for item, row in zip(examples, probs):
-                writer.writerow([item, predictor.classes[int(row.argmax())], *(f"{p:.6f}" for p in row)])
-        console.print(f"Wrote {len(examples)} predictions to {target}", highlight=False)
-    except LeptonError as exc:
-        _fail(exc)
-
-
-@app.command()
-def serve(
-    model_dir: Path = typer.Argument(..., help="An export folder."),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
-    port: int = typer.Option(8000, help="TCP port."),
-    max_batch: int = typer.Option(32, help="Most examples run as one batch (1 turns batching off)."),
-    max_wait_ms: float = typer.Option(5.0, help="How long a request waits for others to batch with."),
-    max_request_mb: float = typer.Option(8.0, help="Largest request body accepted."),
-    max_inputs: int = typer.Option(64, help="Most inputs in one request."),
-    max_pixels: int = typer.Option(40_000_000, help="Largest image accepted, in pixels (before decoding)."),
-    max_text_chars: int = typer.Option(20_000, help="Longest text accepted, in characters."),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads (default: ONNX Runtime's choice)."),
-) -> None:
-    """Serve an export folder over HTTP: POST /predict, GET /health, GET /metadata (docs at /docs)."""
-    _setup_logging(False)
-    try:
-        import uvicorn
-
-        from lepton_automl.interfaces import InputLimits
-        from lepton_automl.serving.app import ServeLimits, create_app
-
-        limits = ServeLimits(max_request_bytes=int(max_request_mb * 2**20), max_inputs=max_inputs,
-                             inputs=InputLimits(max_pixels=max_pixels, max_text_chars=max_text_chars))
-        application = create_app(model_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits,
-                                 threads=threads)
-        console.print(f"Serving {model_dir} on http://{host}:{port} (POST /predict; docs at /docs)", highlight=False)
-        uvicorn.run(application, host=host, port=port, log_level="warning", h11_max_incomplete_event_size=64 * 1024)
-    except LeptonError as exc:
-        _fail(exc)
-
-
-@app.command()
 def compress(
     model_dir: Path = typer.Argument(..., help="An export folder (from `lepton search` or `lepton export`)."),
     data: str = typer.Option(..., help="The labelled data: recovery fine-tune, calibration, and validation."),
@@ -486,11 +374,3 @@ def plugins_list() -> None:
             tasks = f"[red]broken: {exc}[/]"
         table.add_row(name, spec.distribution, spec.version, tasks, spec.target)
     console.print(table)
-
-
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

@@ -1,0 +1,7 @@
+"""``python -m lepton_automl.cli``: the ``lepton`` command."""
+
+import sys
+
+from lepton_automl.cli import app
+
+sys.exit(app())
