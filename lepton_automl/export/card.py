@@ -32,10 +32,12 @@ def front_matter(meta: Mapping[str, Any]) -> list[str]:
     lines += [f"pipeline_tag: {tag}", "model-index:", f"- name: {_yaml_str(meta.get('name', 'Lepton model'))}",
               "  results:", "  - task:", f"      type: {tag}", "    dataset:", f"      name: {_yaml_str(data_name)}",
               "      type: user", "    metrics:"]
-    for key, split in (("holdout_accuracy", "validation"), ("test_accuracy", "test")):
+    # A probe's head was fit on train+validation: its held-out estimate is the cross-validated one.
+    held_out = (("cv_accuracy", "cross-validated accuracy") if m.get("cv_accuracy") is not None
+                else ("holdout_accuracy", "validation accuracy"))
+    for key, name in (held_out, ("test_accuracy", "test accuracy")):
         if m.get(key) is not None:
-            lines += ["    - type: accuracy", f"      name: {_yaml_str(f'{split} accuracy')}",
-                      f"      value: {float(m[key]):.4f}"]
+            lines += ["    - type: accuracy", f"      name: {_yaml_str(name)}", f"      value: {float(m[key]):.4f}"]
     lines.append("---")
     return lines
 
@@ -109,7 +111,9 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         f"| objective accuracy | {fmt('accuracy')} | "
         + ("5-fold cross-validation over train+validation, minus the compression's loss on validation"
            if m.get("cv_accuracy") is not None else "validation split") + " |",
-        f"| validation accuracy | {fmt('holdout_accuracy')} | validation split, this file |",
+        f"| validation accuracy | {fmt('holdout_accuracy')} | validation split, this file"
+        + (" (the probe was fit on train+validation: not held out)" if m.get("cv_accuracy") is not None else "")
+        + " |",
         f"| test accuracy | {fmt('test_accuracy')} | test split, this file (never used to choose) |",
         f"| latency, batch 1, median / p90 (ms) | {fmt('latency_ms', '.3f')} / {fmt('latency_p90_ms', '.3f')} | "
         f"{m.get('latency_device', 'the search machine')}, {m.get('latency_threads', '?')} threads |",

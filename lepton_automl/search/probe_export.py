@@ -100,8 +100,6 @@ def materialize(trial_dir: str | Path, *, modality: Modality | None = None,
                       members=cards if len(cards) > 1 else None, params=recipe["params"], classes=recipe["classes"],
                       preprocessing=recipe["preprocessing"], finetune_blocks=0, metrics=recipe["metrics"],
                       name=recipe["name"], data=recipe.get("data"), search=recipe.get("search"))
-        for keep in (RECIPE, HEAD):
-            shutil.copyfile(trial_dir / keep, work / keep)
         old = trial_dir.with_name(trial_dir.name + f".old{os.getpid()}")
         os.replace(trial_dir, old)
         os.replace(work, trial_dir)
