@@ -102,4 +102,8 @@ class TrunkStore:
         freed = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
         shutil.rmtree(self.root, ignore_errors=True)
         self._entries.clear()
+        try:
+            self.root.parent.rmdir()  # the workers' common folder, once the last store is gone
+        except OSError:
+            pass  # another worker's store is still there
         return freed
