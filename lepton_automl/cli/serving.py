@@ -24,7 +24,7 @@ def predict(
 
         import numpy as np
 
-        from lepton_automl.export.artifact import Predictor
+        from lepton_automl.export.artifact import Predictor, softmax
 
         predictor = Predictor.load(model_dir)
         examples = predictor.modality.read_inputs(list(inputs))
@@ -41,8 +41,7 @@ def predict(
                 logits.append(predictor.logits(examples[start : start + batch_size], batch_size=batch_size))
                 bar.advance(task, len(logits[-1]))
         scores = np.concatenate(logits) if logits else np.zeros((0, len(predictor.classes)))
-        z = np.exp(scores - scores.max(axis=1, keepdims=True))
-        probs = z / z.sum(axis=1, keepdims=True)
+        probs = softmax(scores)
         target = out
         with open(target, "w", newline="") as handle:
             writer = csv.writer(handle)

@@ -204,6 +204,12 @@ def rebuild_model(directory: str | Path, *, registry: Any = None, modalities: An
     return model.eval()
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from a ``(batch, classes)`` array of logits."""
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 class Predictor:
     """Run an export folder: raw inputs in, class names out. The runtime is ONNX Runtime on the
     export's ONNX file, or torch for the torch runtimes (``torch-int8`` dynamic quantization on CPU,

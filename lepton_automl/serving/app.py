@@ -68,12 +68,6 @@ async def _read_body(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def create_app(model_dir: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0,
                limits: ServeLimits = ServeLimits(), threads: int | None = None) -> Any:
     """The FastAPI application serving ``model_dir``; run it with uvicorn (``lepton serve``)."""
@@ -81,7 +75,7 @@ def create_app(model_dir: str | Path, *, max_batch: int = 32, max_wait_ms: float
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from lepton_automl.export.artifact import Predictor
+    from lepton_automl.export.artifact import Predictor, softmax
 
     predictor = Predictor(model_dir, threads=threads)
     classes = predictor.classes
@@ -154,7 +148,7 @@ def create_app(model_dir: str | Path, *, max_batch: int = 32, max_wait_ms: float
                 examples.append(predictor.modality.decode_input(value, limits=limits.inputs))
             except InputError as exc:
                 raise InputError(f"input {i}: {exc}", status=exc.status) from None
-        probs = _softmax(await batcher.submit(examples))
+        probs = softmax(await batcher.submit(examples))
         k = min(top_k, len(classes))
         out = []
         for row in probs:
