@@ -37,6 +37,15 @@ def test_search_export_and_predict(image_folder, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert str(image) in result.output
     assert result.output.strip().split("\t")[-1] in {"disc", "horizontal", "vertical"}
+    # an earlier export is replaced; a folder that is not one is never deleted
+    again = runner.invoke(app, ["export", "--study", "image-shapes", "--out", str(out), "--run-dir", str(run_dir)])
+    assert again.exit_code == 0, again.output
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    refused = runner.invoke(app, ["export", "--study", "image-shapes", "--out", str(precious), "--run-dir", str(run_dir)])
+    assert refused.exit_code != 0 and "not a Lepton export" in refused.output
+    assert (precious / "thesis.txt").read_text() == "years of work"
 
 
 def test_errors_are_one_line_with_the_fix(image_folder, tmp_path) -> None:

@@ -214,9 +214,20 @@ def search(
 
 
 def _copy_export(source: Path, target: Path) -> None:
+    """Copy an export folder to ``target``, replacing an earlier export there but nothing else: a
+    folder that is not a Lepton export (no lepton.json) and not empty is refused, never deleted."""
+    if target.is_symlink() or target.is_file():
+        raise LeptonError(f"{str(target)!r} is a file or a link; give --out a folder path that does not exist yet.")
+    if target.exists() and any(target.iterdir()):
+        if not (target / "lepton.json").is_file():
+            raise LeptonError(f"{str(target)!r} exists and is not a Lepton export; it was left as it is. "
+                              "Give --out a new folder (or an earlier export to replace).")
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target)
+    tmp.rename(target)
 
 
 @app.command()
