@@ -277,9 +277,12 @@ def _remove_dominated_artifacts(study: Any, *, keep: set[int], run_dir: Path) ->
     import shutil
 
     freed = 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        path = t.user_attrs.get("artifact")
-        if t.number in keep or not path or not Path(path).is_dir():
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+    for t in study.get_trials(deepcopy=False, states=finished):
+        # A failed or stopped trial may have left partial files (never a loadable export: lepton.json
+        # is written last); they go too.
+        path = t.user_attrs.get("artifact") or str(run_dir / f"trial-{t.number:04d}")
+        if t.number in keep or not Path(path).is_dir():
             continue
         if Path(path).resolve().parent != run_dir.resolve():
             continue  # only ever delete inside this study's own folder
