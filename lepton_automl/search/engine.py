@@ -33,10 +33,12 @@ from lepton_automl.search.objective import Limits, TrialRunner
 from lepton_automl.search.probe_export import is_recipe, materialize
 from lepton_automl.search.workers import (
     SURPLUS_ATTR,
+    WORKER_ATTR,
     counted_trials,
     fail_dead_local_trials,
     live_workers,
     make_storage,
+    worker_identity,
     worker_seed,
 )
 from lepton_automl.search.space import SearchSpace, ensemble_of, warm_start_configs
@@ -268,13 +270,22 @@ def _write_front_exports(front: Sequence[FrontRow], *, modality: Modality, regis
     """Probe trials keep a head and a recipe; write the model files of those on the front."""
     for row in front:
         if row.artifact and is_recipe(row.artifact):
-            materialize(row.artifact, modality=modality, registry=registry)
+            try:
+                materialize(row.artifact, modality=modality, registry=registry)
+            except FileNotFoundError:
+                if Path(row.artifact).is_dir():
+                    raise
+                # its worker removed it as dominated by trials this worker has not seen yet
+                logger.warning("trial %d's files were removed by the worker that ran it", row.number)
 
 
 def _remove_dominated_artifacts(study: Any, *, keep: set[int], run_dir: Path) -> None:
-    """Delete the files of trials off the front (a dominated trial stays dominated): a text trial's
-    export is ~200 MB, and a search keeps only what it can recommend. The study keeps their records."""
+    """Delete the files of this worker's trials off the front (a dominated trial stays dominated): a text
+    trial's export is ~200 MB, and a search keeps only what it can recommend. The study keeps their
+    records. Other workers' trials are theirs to clean: one may still be writing out its front."""
     import shutil
+
+    me = worker_identity()
 
     freed = 0
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
@@ -282,7 +293,7 @@ def _remove_dominated_artifacts(study: Any, *, keep: set[int], run_dir: Path) ->
         # A failed or stopped trial may have left partial files (never a loadable export: lepton.json
         # is written last); they go too.
         path = t.user_attrs.get("artifact") or str(run_dir / f"trial-{t.number:04d}")
-        if t.number in keep or not Path(path).is_dir():
+        if t.number in keep or not Path(path).is_dir() or t.user_attrs.get(WORKER_ATTR, me) != me:
             continue
         if Path(path).resolve().parent != run_dir.resolve():
             continue  # only ever delete inside this study's own folder

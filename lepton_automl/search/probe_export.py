@@ -71,7 +71,13 @@ def materialize(trial_dir: str | Path, *, modality: Modality | None = None,
     if not (trial_dir / RECIPE).is_file():
         raise ExportError(f"{str(trial_dir)!r} holds neither a Lepton export nor a probe recipe; rerun the search "
                           "to recreate the trial's files.")
-    recipe = json.loads((trial_dir / RECIPE).read_text())
+    try:  # read everything first: another worker may write this export at the same time
+        recipe = json.loads((trial_dir / RECIPE).read_text())
+        head = load_head(trial_dir / HEAD)
+    except FileNotFoundError:
+        if (trial_dir / METADATA).is_file():
+            return trial_dir  # it did
+        raise
     trunk = Path(recipe["trunk"])
     if not (trunk / "trunk.onnx").is_file():
         raise ExportError(f"The trunk this probe was scored on ({trunk}) is gone (a finished search removes its "
@@ -86,7 +92,6 @@ def materialize(trial_dir: str | Path, *, modality: Modality | None = None,
     built = [build_seeded(modality, c, registry, params=recipe["params"], finetune_blocks=0,
                           pretrained=bool(recipe["pretrained"]), seed=int(recipe["seed"])) for c in cards]
     trunk_module = built[0].trunk if len(built) == 1 else ConcatTrunk([p.trunk for p in built])
-    head = load_head(trial_dir / HEAD)
     model = ExportModel(trunk_module, torch.nn.Identity(), head).eval()
 
     work = trial_dir.with_name(trial_dir.name + f".export{os.getpid()}")
@@ -100,6 +105,9 @@ def materialize(trial_dir: str | Path, *, modality: Modality | None = None,
                       members=cards if len(cards) > 1 else None, params=recipe["params"], classes=recipe["classes"],
                       preprocessing=recipe["preprocessing"], finetune_blocks=0, metrics=recipe["metrics"],
                       name=recipe["name"], data=recipe.get("data"), search=recipe.get("search"))
+        if (trial_dir / METADATA).is_file():  # another worker finished first: keep theirs
+            shutil.rmtree(work, ignore_errors=True)
+            return trial_dir
         old = trial_dir.with_name(trial_dir.name + f".old{os.getpid()}")
         os.replace(trial_dir, old)
         os.replace(work, trial_dir)
