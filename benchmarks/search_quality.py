@@ -87,12 +87,15 @@ def main() -> None:
         "failed": outcome.failed, "stopped": outcome.stopped,
         "trial_seconds": {str(k): round(v, 1) for k, v in durations.items()},
         "trial_params": {str(t.number): config(t) for t in trials},
+        "trial_stage_seconds": {str(t.number): t.user_attrs["stage_seconds"] for t in trials
+                                if t.user_attrs.get("stage_seconds")},
     }
     path = OUT / "search_quality.json"
     results = json.loads(path.read_text()) if path.is_file() else []
     results = [r for r in results if r["set"] != args.set] + [entry]
     path.write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps({k: v for k, v in entry.items() if k not in ("curve", "trial_seconds", "trial_params")},
+    print(json.dumps({k: v for k, v in entry.items() if k not in ("curve", "trial_seconds", "trial_params",
+                                                                   "trial_stage_seconds")},
                      indent=2, default=str))
     try:
         import matplotlib

@@ -133,6 +133,9 @@ class Modality(ABC):
     # Conv nets from a probe, batch norm frozen: 1e-3 diverged on the glyph set (chance after one epoch),
     # 1e-4 and 3e-4 reached 0.51 and 0.56 from a 0.49 probe in 4 epochs at 96 px.
     finetune_lr: ClassVar[tuple[float, float]] = (1e-4, 6e-4)
+    # Part of the feature cache's key: raise it when ``build`` changes what a trunk outputs, so that
+    # features cached by an earlier version are not reused.
+    features_version: ClassVar[int] = 0
 
     @classmethod
     def backbones_from(cls) -> str:
@@ -240,6 +243,19 @@ class TrialResult:
     artifact: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    # What ``cost.measurement.measure_artifact`` measures that is a field here rather than an extra.
+    MEASURED: ClassVar[tuple[str, ...]] = ("latency_ms", "cost_usd", "latency_p90_ms", "size_mb", "size_gz_mb",
+                                           "params_m")
+
     @property
     def values(self) -> tuple[float, float, float]:
         return (self.accuracy, self.latency_ms, self.cost_usd)
+
+    @classmethod
+    def from_measured(cls, *, accuracy: float, test_accuracy: float | None, train_seconds: float, artifact: str,
+                      extra: Mapping[str, Any]) -> TrialResult:
+        """The result of a trial whose ``extra`` holds what was measured on its artifact: the fields
+        named in ``MEASURED`` are taken out of it."""
+        return cls(accuracy=accuracy, test_accuracy=test_accuracy, train_seconds=train_seconds, artifact=artifact,
+                   **{k: extra[k] for k in cls.MEASURED},
+                   extra={k: v for k, v in extra.items() if k not in cls.MEASURED})

@@ -16,6 +16,19 @@ class TrialTimeout(LeptonError):
     """A trial ran past the per-trial time limit."""
 
 
+class StageClock:
+    """Wall seconds per stage of a trial (``stage_seconds``), each stage timed from the previous one's end."""
+
+    def __init__(self, start: float) -> None:
+        self.last, self.seconds = start, {}
+
+    def done(self, stage: str) -> str:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self.last, 3)
+        self.last = now
+        return stage
+
+
 @dataclass(frozen=True)
 class Deadline:
     start: float

@@ -37,7 +37,7 @@ from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelPa
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
-from lepton_automl.search.limits import Deadline, Limits, TrialTimeout, usefulness_floor
+from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeout, usefulness_floor
 from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.training_steps import TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
@@ -59,17 +59,6 @@ __all__ = ["Limits", "TrialRunner", "TrialTimeout", "usefulness_floor", "onnx_ac
 logger = get_logger(__name__)
 
 CALIBRATION_EXAMPLES = 64
-
-
-class _StageClock:
-    def __init__(self, start: float) -> None:
-        self.last, self.seconds = start, {}
-
-    def done(self, stage: str) -> str:
-        now = time.perf_counter()
-        self.seconds[stage] = round(now - self.last, 3)
-        self.last = now
-        return stage
 
 
 @dataclass
@@ -177,7 +166,7 @@ class TrialRunner:
             trunk=ConcatTrunk([p.trunk for p in member_parts]), tail=torch.nn.Identity(),
             feature_dim=sum(p.feature_dim for p in member_parts))
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
-        stages = _StageClock(start)  # wall seconds per step, kept on the trial (stage_seconds)
+        stages = StageClock(start)  # wall seconds per step, kept on the trial (stage_seconds)
 
         cached = concat_features([self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)])
         deadline.check(stages.done("features"))
@@ -216,14 +205,8 @@ class TrialRunner:
             config.quant.mode, scores.accuracy, measured["latency_ms"], measured["cost_usd"],
             time.perf_counter() - start, ", features cached" if cached.hit else "",
         )
-        return TrialResult(
-            accuracy=scores.accuracy, latency_ms=measured["latency_ms"], cost_usd=measured["cost_usd"],
-            test_accuracy=scores.test, latency_p90_ms=measured["latency_p90_ms"], size_mb=measured["size_mb"],
-            size_gz_mb=measured["size_gz_mb"], params_m=measured["params_m"], train_seconds=train_seconds,
-            artifact=str(trial_dir),
-            extra={k: v for k, v in extra.items()
-                   if k not in ("latency_ms", "cost_usd", "latency_p90_ms", "size_mb", "size_gz_mb", "params_m")},
-        )
+        return TrialResult.from_measured(accuracy=scores.accuracy, test_accuracy=scores.test,
+                                         train_seconds=train_seconds, artifact=str(trial_dir), extra=extra)
 
     # -- 1. features ------------------------------------------------------------------------
     def _preprocessing(self, cards: list[BackboneCard], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,6 +224,7 @@ class TrialRunner:
             "ref": card.ref, "weights": card.weights, "build": dict(card.build_kwargs),
             "pretrained": self.pretrained, "prep": prep, "blocks": config.finetune_blocks, "pruning": layer_pruning,
             "data": self.splits.fingerprint(), "modality": self.modality.name,
+            "features_version": self.modality.features_version,
         })
 
     def features(self, card: BackboneCard, parts: Callable[[], ModelParts], prep: Mapping[str, Any],

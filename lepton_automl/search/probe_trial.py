@@ -14,6 +14,7 @@ the model files are written for the trials a user can be shown (the front), or o
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +34,7 @@ from lepton_automl.export.trunk import run_onnx
 from lepton_automl.interfaces import ExportModel, ModelParts, TrialResult, build_seeded
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
-from lepton_automl.search.limits import Deadline
+from lepton_automl.search.limits import Deadline, StageClock
 from lepton_automl.search.probe_export import write_recipe
 from lepton_automl.search.scoring import concat_features, head_accuracy
 from lepton_automl.search.trunks import TrunkEntry, TrunkStore
@@ -73,14 +74,7 @@ class ProbeTrials:
                  prep: Mapping[str, Any], *, trial_dir: Path, start: float, deadline: Deadline,
                  search: Mapping[str, Any]) -> TrialResult:
         r = self.runner
-        seconds: dict[str, float] = {}
-        clock = [start]
-
-        def done(stage: str) -> None:
-            now = time.perf_counter()
-            seconds[stage] = round(seconds.get(stage, 0.0) + now - clock[0], 3)
-            clock[0] = now
-            deadline.check(stage)
+        stages = StageClock(start)
 
         built: dict[int, ModelParts] = {}
 
@@ -94,11 +88,11 @@ class ProbeTrials:
         members = [r.features(card, lambda i=i: member(i), prep, config, key=key)
                    for i, (card, key) in enumerate(zip(cards, keys))]
         cached = concat_features(members)
-        done("features")
-        fit = self._fit(keys, cached)
-        done("training")
+        deadline.check(stages.done("features"))
+        fit = self._fit(keys, cached, [int(m.arrays["train"][0].shape[1]) for m in members])
+        deadline.check(stages.done("training"))
         entry = self._entry(keys, member, members, prep, config.quant.mode, fit)
-        done("trunk")
+        deadline.check(stages.done("trunk"))
 
         validation = entry.features.get("validation", cached.arrays["validation"][0])
         test = entry.features.get("test", cached.arrays["test"][0])
@@ -111,10 +105,10 @@ class ProbeTrials:
         accuracy = fit.cv_accuracy + (holdout - fp32_holdout)
         if not np.isfinite(accuracy):
             raise FloatingPointError("accuracy is not finite")
-        train_seconds = cached.seconds + seconds["training"]
+        train_seconds = cached.seconds + stages.seconds["training"]
         measured = {**entry.measured, "cost_usd": r.cost.total_usd(
             train_seconds=train_seconds, latency_ms=1000.0 / float(entry.measured["throughput_per_s"]))}
-        done("scoring")
+        deadline.check(stages.done("scoring"))
         extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": 0.0, "holdout_accuracy": holdout,
                  "cv_accuracy": fit.cv_accuracy, "probe_l2": fit.l2, "trunk": entry.folder.name}
         write_recipe(trial_dir, head=fit.head, trunk=entry.folder, quant=config.quant.mode, modality=r.modality,
@@ -122,28 +116,25 @@ class ProbeTrials:
                      metrics={"accuracy": accuracy, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
                               **extra},
                      pretrained=r.pretrained, seed=r.seed, name=r.model_name(), data=r.data_card(), search=search)
-        done("recipe")
-        extra["stage_seconds"] = seconds
+        deadline.check(stages.done("recipe"))
+        extra["stage_seconds"] = stages.seconds
         logger.info("%s %s probe quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)", config.backbone,
                     dict(config.data), config.quant.mode, accuracy, measured["latency_ms"], measured["cost_usd"],
                     time.perf_counter() - start, ", features cached" if cached.hit else "")
-        shown = ("latency_ms", "cost_usd", "latency_p90_ms", "size_mb", "size_gz_mb", "params_m")
-        return TrialResult(
-            accuracy=accuracy, latency_ms=measured["latency_ms"], cost_usd=measured["cost_usd"],
-            test_accuracy=test_accuracy, latency_p90_ms=measured["latency_p90_ms"], size_mb=measured["size_mb"],
-            size_gz_mb=measured["size_gz_mb"], params_m=measured["params_m"], train_seconds=train_seconds,
-            artifact=str(trial_dir), extra={k: v for k, v in extra.items() if k not in shown})
+        return TrialResult.from_measured(accuracy=accuracy, test_accuracy=test_accuracy, train_seconds=train_seconds,
+                                         artifact=str(trial_dir), extra=extra)
 
-    def _fit(self, keys: list[str], cached: CachedArrays) -> ProbeFit:
+    def _fit(self, keys: list[str], cached: CachedArrays, blocks: list[int]) -> ProbeFit:
         """The probe on train+validation features, its L2 strength chosen by cross-validation; one fit
-        per feature set and search (its folds come from the search's seed, not the trial's)."""
+        per feature set and search (its folds come from the search's seed, not the trial's). ``blocks``:
+        the members' feature widths, each standardised on its own (``training.trainer.feature_scale``)."""
         r = self.runner
         key = "+".join(keys)
         if key not in self._fits:
             pooled = np.concatenate([np.asarray(cached.arrays["train"][0]), np.asarray(cached.arrays["validation"][0])])
             labels = np.concatenate([r.splits.train.labels, r.splits.validation.labels])
             self._fits[key] = select_probe(pooled, labels, len(r.splits.classes), seed=r.seed,
-                                           class_weights=r.class_weights_for_training())
+                                           class_weights=r.class_weights_for_training(), blocks=blocks)
         return self._fits[key]
 
     def _trunk_key(self, keys: list[str], quant: str) -> str:
@@ -160,31 +151,42 @@ class ProbeTrials:
         if found is not None:
             return found
         if len(keys) == 1:
+            twins = [self.trunks.get(self._trunk_key(keys, other)) for other in ("none", "int8") if other != quant]
+            twin = next((t for t in twins if t is not None), None)
             return self.trunks.build(key, lambda folder: self._make_trunk(
-                folder, lambda: member(0).trunk, quant, prep, np.asarray(cached[0].arrays["validation"][0]), fit))
-        parts = [self._entry([k], lambda _, i=i: member(i), [c], prep, quant, self._fit([k], c))
+                folder, lambda: member(0).trunk, quant, prep, np.asarray(cached[0].arrays["validation"][0]), fit,
+                twin=twin))
+        parts = [self._entry([k], lambda _, i=i: member(i), [c], prep, quant,
+                             self._fit([k], c, [int(c.arrays["train"][0].shape[1])]))
                  for i, (k, c) in enumerate(zip(keys, cached))]
         joined = np.concatenate([np.asarray(c.arrays["validation"][0]) for c in cached], axis=1)
         return self.trunks.build(key, lambda folder: self._merge_trunks(folder, parts, quant, prep, joined, fit))
 
     def _make_trunk(self, folder: Path, trunk: Callable[[], torch.nn.Module], quant: str, prep: Mapping[str, Any],
-                    cached_validation: np.ndarray, fit: ProbeFit) -> _Made:
+                    cached_validation: np.ndarray, fit: ProbeFit, *, twin: TrunkEntry | None = None) -> _Made:
+        """Export (and verify, and quantize) one backbone's trunk. With ``twin``, the same trunk's entry
+        at another quantization, its verified fp32 file and its counts are reused: of the twin entries
+        only the first one exports, checks and counts."""
         r = self.runner
-        module = trunk()
-        example = r.modality.encode(r.splits.train.examples[:1], preprocessing=prep)
-        fp32 = export_onnx(TrunkFeatures(module), example, folder / "trunk.onnx",
-                           input_names=r.modality.input_names(), dynamic_axes=r.modality.dynamic_axes(),
-                           output_names=("features",))
-        self._verify(fp32, cached_validation, prep)
+        if twin is not None:
+            fp32 = folder / "trunk.onnx"
+            shutil.copyfile(twin.fp32, fp32)
+            gmacs, params_m = float(twin.measured["trunk_gmacs"]), float(twin.measured["trunk_params_m"])
+        else:
+            module = trunk()
+            example = r.modality.encode(r.splits.train.examples[:1], preprocessing=prep)
+            fp32 = export_onnx(TrunkFeatures(module), example, folder / "trunk.onnx",
+                               input_names=r.modality.input_names(), dynamic_axes=r.modality.dynamic_axes(),
+                               output_names=("features",))
+            self._verify(fp32, cached_validation, prep)
+            model = ExportModel(module, torch.nn.Identity(), fit.head)
+            gmacs = count_macs(model, r.latency_example(prep, r.seed), r.modality.input_names()) / 1e9 - _head_gmacs(fit)
+            params_m = sum(p.numel() for p in module.parameters()) / 1e6
         runtime, features = fp32, {}
         if quant != "none":
             runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=quant,
                                     calibration=r.calibration_feeds(prep, r.seed))
             features = self._run_splits(runtime, prep)
-        model = ExportModel(module, torch.nn.Identity(), fit.head)
-        latency_input = r.latency_example(prep, r.seed)
-        gmacs = count_macs(model, latency_input, r.modality.input_names()) / 1e9
-        params_m = sum(p.numel() for p in module.parameters()) / 1e6
         return runtime.name, quant, features, {**self._measure(runtime, prep, fit, (gmacs + _head_gmacs(fit),
                                                                                     params_m + _head_params_m(fit))),
                                                "trunk_gmacs": gmacs, "trunk_params_m": params_m}
