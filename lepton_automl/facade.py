@@ -28,6 +28,7 @@ from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.compression.pruning import PruneReport, prune_structured
 from lepton_automl.compression.quantization import quantize_onnx
 from lepton_automl.cost.latency import measure_onnx_latency
+from lepton_automl.data.dataset import LabelledData
 from lepton_automl.exceptions import ConfigError
 from lepton_automl.export.artifact import fit_to_state_dict, load_metadata, save_artifact
 from lepton_automl.export.onnx import export_onnx
@@ -35,7 +36,8 @@ from lepton_automl.log import get_logger
 from lepton_automl.plugins import MODALITIES, PluginRegistry
 from lepton_automl.sessions import ort_session
 from lepton_automl.interfaces import ExportModel, TupleOut
-from lepton_automl.training.trainer import recalibrate_batchnorm
+from lepton_automl.training.finetune import FineTuneConfig, fine_tune
+from lepton_automl.training.trainer import TrainingDiverged
 
 logger = get_logger(__name__)
 
@@ -210,43 +212,37 @@ class Lepton:
         return self
 
     def _train_epochs(self, *, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
+        """Every layer, by the search's one training loop (``training.finetune.fine_tune``) at a constant
+        rate after a short warm-up, batch-norm statistics re-estimated; with a validation split the
+        best epoch is kept."""
         from rich.progress import Progress
 
         model = self._require_model()
-        x, y = self._train  # type: ignore[misc]
-        params = [p for p in model.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        steps = (len(y) + batch_size - 1) // batch_size
+        train = self._labelled(self._train)  # type: ignore[arg-type]
+        validation = self._labelled(self._val) if self._val is not None and len(self._val[1]) else None
+        cfg = FineTuneConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                             schedule="constant", label_smoothing=0.0, freeze_batchnorm=False,
+                             seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator)))
         with Progress(disable=not self.verbose, transient=True) as progress:
-            task = progress.add_task("fit", total=epochs * steps)
-            for epoch in range(epochs):
-                model.train()
-                order = torch.randperm(len(y), generator=self._generator).numpy()
-                total = 0.0
-                for start in range(0, len(y), batch_size):
-                    idx = order[start : start + batch_size]
-                    opt.zero_grad(set_to_none=True)
-                    loss = nn.functional.cross_entropy(model(self._inputs(x[idx])), torch.from_numpy(y[idx]))
-                    if not torch.isfinite(loss):
-                        raise ConfigError(f"Training diverged (loss {loss.item()}); lower lr (now {lr}).")
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(idx)
-                    progress.update(task, advance=1, description=f"fit epoch {epoch + 1}/{epochs}")
-                logger.info("epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(y))
-        for p in params:
-            p.requires_grad_(False)
-        self._recalibrate_batchnorm()
-        model.eval()
+            task = progress.add_task("fit", total=None)
 
-    def _recalibrate_batchnorm(self, *, batch_size: int = 64) -> None:
-        if self._train is None:
-            return
-        x = self._train[0]
-        recalibrate_batchnorm(self._require_model(),
-                              ((self._inputs(x[s : s + batch_size]),) for s in range(0, len(x), batch_size)))
+            def shown(what: str, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total, description=what)
+
+            try:
+                log = fine_tune(model, self._modality, train, self._prep, cfg, validation=validation,
+                                progress=shown)
+            except TrainingDiverged as exc:
+                where = str(exc).split(";")[0]
+                raise ConfigError(f"Training diverged ({where}); lower lr (now {lr}).") from None
+        if log.curve:
+            logger.info("validation accuracy by epoch: %s (kept epoch %d)",
+                        ", ".join(f"{a:.4f}" for a in log.curve), log.best_epoch)
+
+    def _labelled(self, split: tuple[np.ndarray, np.ndarray]) -> LabelledData:
+        x, y = split
+        return LabelledData(examples=_as_uint8_images(x), labels=np.array(y),  # a copy: it is made read-only
+                            classes=tuple(str(c) for c in range(int(self.num_classes or 0))))
 
     # -- inference -------------------------------------------------------------------------
     def _logits(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
