@@ -16,7 +16,7 @@ from torch import nn
 
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.data.dataset import LabelledData
-from lepton_automl.data.tables import is_table, read_table, text_data_from_dataset
+from lepton_text.tables import is_table, read_table, text_data_from_dataset
 from lepton_automl.exceptions import DataError, InputError
 from lepton_automl.interfaces import InputLimits, Modality, ModelParts
 from lepton_automl.log import get_logger
