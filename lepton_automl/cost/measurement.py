@@ -36,5 +36,22 @@ def measure_artifact(runtime: str | Path, latency_input: Mapping[str, np.ndarray
         "gmacs": counts[0] if counts else count_macs(model, latency_input, input_names) / 1e9,
         "params_m": counts[1] if counts else sum(p.numel() for p in model.parameters()) / 1e6,
         "size_mb": len(shipped) / 2**20,  # the runtime file as written
-        "size_gz_mb": len(gzip.compress(shipped, compresslevel=6)) / 2**20,  # what --max-size-mb limits
+        "size_gz_mb": gzip_size(shipped) / 2**20,  # what --max-size-mb limits
     }
+
+
+GZIP_EXACT_BYTES = 16 * 2**20  # files up to this size are compressed whole
+GZIP_SAMPLES = 16  # beyond it, this many evenly spaced 1 MiB pieces are
+
+
+def gzip_size(data: bytes, *, level: int = 6) -> int:
+    """Bytes of ``data`` gzip-compressed at ``level``: exact up to ``GZIP_EXACT_BYTES``, above that the
+    ratio of ``GZIP_SAMPLES`` evenly spaced 1 MiB pieces times the length. Weights compress evenly
+    through a file, and compressing a 90 MB MiniLM file whole took 4.5 s of every trunk measurement
+    for an 11% saving."""
+    if len(data) <= GZIP_EXACT_BYTES:
+        return len(gzip.compress(data, compresslevel=level))
+    piece = 2**20
+    starts = np.linspace(0, len(data) - piece, GZIP_SAMPLES).astype(np.int64)
+    packed = sum(len(gzip.compress(data[s : s + piece], compresslevel=level)) for s in starts)
+    return int(round(packed / (GZIP_SAMPLES * piece) * len(data)))

@@ -59,7 +59,8 @@ class Limits:
     """Hard limits; a trial over any of them is infeasible and never enters the front.
 
     ``max_size_mb`` applies to the gzip-compressed runtime file (what is shipped): that is where
-    unstructured pruning pays off, since dense kernels gain nothing from zeros.
+    unstructured pruning pays off, since dense kernels gain nothing from zeros. Above 16 MiB that size
+    is estimated from 16 evenly spaced pieces (``cost.measurement.gzip_size``).
     """
 
     max_latency_ms: float | None = None
