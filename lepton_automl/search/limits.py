@@ -60,7 +60,7 @@ class Limits:
 
     ``max_size_mb`` applies to the gzip-compressed runtime file (what is shipped): that is where
     unstructured pruning pays off, since dense kernels gain nothing from zeros. Above 16 MiB that size
-    is estimated from 16 evenly spaced pieces (``cost.measurement.gzip_size``).
+    is estimated from 128 evenly spaced pieces (``cost.measurement.gzip_size``).
     """
 
     max_latency_ms: float | None = None
