@@ -39,7 +39,7 @@ from lepton_automl.search.probe_export import write_recipe
 from lepton_automl.search.scoring import concat_features, head_accuracy
 from lepton_automl.search.trunks import TrunkEntry, TrunkStore
 from lepton_automl.training.cache import CachedArrays, cache_key
-from lepton_automl.training.trainer import ProbeFit, select_probe
+from lepton_automl.training.trainer import ProbeFit, make_head, select_probe
 
 if TYPE_CHECKING:
     from lepton_automl.search.objective import TrialRunner
@@ -51,12 +51,12 @@ VERIFY_EXAMPLES = 32
 VERIFY_MAX_ERROR = 0.01
 
 
-def _head_gmacs(fit: ProbeFit) -> float:
-    return fit.head[1].weight.numel() / 1e9
+def _head_gmacs(head: torch.nn.Sequential) -> float:
+    return head[1].weight.numel() / 1e9
 
 
-def _head_params_m(fit: ProbeFit) -> float:
-    return (fit.head[1].weight.numel() + fit.head[1].bias.numel()) / 1e6
+def _head_params_m(head: torch.nn.Sequential) -> float:
+    return (head[1].weight.numel() + head[1].bias.numel()) / 1e6
 
 
 _Made = tuple[str, str, dict[str, np.ndarray], dict[str, Any]]  # what TrunkStore.build's maker returns
@@ -91,7 +91,7 @@ class ProbeTrials:
         deadline.check(stages.done("features"))
         fit = self._fit(keys, cached, [int(m.arrays["train"][0].shape[1]) for m in members])
         deadline.check(stages.done("training"))
-        entry = self._entry(keys, member, members, prep, config.quant.mode, fit)
+        entry = self._entry(keys, member, members, prep, config.quant.mode, fit.head)
         deadline.check(stages.done("trunk"))
 
         validation = entry.features.get("validation", cached.arrays["validation"][0])
@@ -143,7 +143,7 @@ class ProbeTrials:
                           "serving_batch": r.serving_batch})
 
     def _entry(self, keys: list[str], member: Callable[[int], ModelParts], cached: list[CachedArrays],
-               prep: Mapping[str, Any], quant: str, fit: ProbeFit) -> TrunkEntry:
+               prep: Mapping[str, Any], quant: str, head: torch.nn.Sequential) -> TrunkEntry:
         """The trunk entry of these features at ``quant``. An ensemble's is its members' entries side by
         side (each shared with that member's own probes): nothing is exported, quantized or run twice."""
         key = self._trunk_key(keys, quant)
@@ -154,16 +154,20 @@ class ProbeTrials:
             twins = [self.trunks.get(self._trunk_key(keys, other)) for other in ("none", "int8") if other != quant]
             twin = next((t for t in twins if t is not None), None)
             return self.trunks.build(key, lambda folder: self._make_trunk(
-                folder, lambda: member(0).trunk, quant, prep, np.asarray(cached[0].arrays["validation"][0]), fit,
+                folder, lambda: member(0).trunk, quant, prep, np.asarray(cached[0].arrays["validation"][0]), head,
                 twin=twin))
+        # A member's entry is measured with a head of its shape: weights change no measurement, so no
+        # cross-validated fit is needed for it.
         parts = [self._entry([k], lambda _, i=i: member(i), [c], prep, quant,
-                             self._fit([k], c, [int(c.arrays["train"][0].shape[1])]))
+                             make_head(c.arrays["train"][0], len(self.runner.splits.classes),
+                                       generator=torch.Generator().manual_seed(self.runner.seed)))
                  for i, (k, c) in enumerate(zip(keys, cached))]
         joined = np.concatenate([np.asarray(c.arrays["validation"][0]) for c in cached], axis=1)
-        return self.trunks.build(key, lambda folder: self._merge_trunks(folder, parts, quant, prep, joined, fit))
+        return self.trunks.build(key, lambda folder: self._merge_trunks(folder, parts, quant, prep, joined, head))
 
     def _make_trunk(self, folder: Path, trunk: Callable[[], torch.nn.Module], quant: str, prep: Mapping[str, Any],
-                    cached_validation: np.ndarray, fit: ProbeFit, *, twin: TrunkEntry | None = None) -> _Made:
+                    cached_validation: np.ndarray, head: torch.nn.Sequential, *,
+                    twin: TrunkEntry | None = None) -> _Made:
         """Export (and verify, and quantize) one backbone's trunk. With ``twin``, the same trunk's entry
         at another quantization, its verified fp32 file and its counts are reused: of the twin entries
         only the first one exports, checks and counts."""
@@ -179,20 +183,20 @@ class ProbeTrials:
                                input_names=r.modality.input_names(), dynamic_axes=r.modality.dynamic_axes(),
                                output_names=("features",))
             self._verify(fp32, cached_validation, prep)
-            model = ExportModel(module, torch.nn.Identity(), fit.head)
-            gmacs = count_macs(model, r.latency_example(prep, r.seed), r.modality.input_names()) / 1e9 - _head_gmacs(fit)
+            model = ExportModel(module, torch.nn.Identity(), head)
+            gmacs = count_macs(model, r.latency_example(prep, r.seed), r.modality.input_names()) / 1e9 - _head_gmacs(head)
             params_m = sum(p.numel() for p in module.parameters()) / 1e6
         runtime, features = fp32, {}
         if quant != "none":
             runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=quant,
                                     calibration=r.calibration_feeds(prep, r.seed))
             features = self._run_splits(runtime, prep)
-        return runtime.name, quant, features, {**self._measure(runtime, prep, fit, (gmacs + _head_gmacs(fit),
-                                                                                    params_m + _head_params_m(fit))),
+        return runtime.name, quant, features, {**self._measure(runtime, prep, head, (gmacs + _head_gmacs(head),
+                                                                                     params_m + _head_params_m(head))),
                                                "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _merge_trunks(self, folder: Path, parts: list[TrunkEntry], quant: str, prep: Mapping[str, Any],
-                      cached_validation: np.ndarray, fit: ProbeFit) -> _Made:
+                      cached_validation: np.ndarray, head: torch.nn.Sequential) -> _Made:
         names = list(self.runner.modality.input_names())
         fp32 = merge_side_by_side([p.fp32 for p in parts], folder / "trunk.onnx", input_names=names)
         self._verify(fp32, cached_validation, prep)
@@ -203,8 +207,8 @@ class ProbeTrials:
                         for split in ("validation", "test")}
         gmacs = sum(float(p.measured["trunk_gmacs"]) for p in parts)
         params_m = sum(float(p.measured["trunk_params_m"]) for p in parts)
-        return runtime.name, quant, features, {**self._measure(runtime, prep, fit, (gmacs + _head_gmacs(fit),
-                                                                                    params_m + _head_params_m(fit))),
+        return runtime.name, quant, features, {**self._measure(runtime, prep, head, (gmacs + _head_gmacs(head),
+                                                                                     params_m + _head_params_m(head))),
                                                "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _run_splits(self, path: Path, prep: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -212,11 +216,11 @@ class ProbeTrials:
         return {split: run_onnx(path, r.modality, getattr(r.splits, split).examples, preprocessing=prep,
                                 outputs=("features",))[0] for split in ("validation", "test")}
 
-    def _measure(self, runtime: Path, prep: Mapping[str, Any], fit: ProbeFit,
+    def _measure(self, runtime: Path, prep: Mapping[str, Any], head: torch.nn.Sequential,
                  counts: tuple[float, float]) -> dict[str, Any]:
         """Latency, throughput and size of the trunk with a head of the study's shape appended."""
         r = self.runner
-        composed = append_linear_head(runtime, runtime.with_name("measured.onnx"), fit.head)
+        composed = append_linear_head(runtime, runtime.with_name("measured.onnx"), head)
         try:
             return measure_artifact(composed, r.latency_example(prep, r.seed), model=None,
                                     input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
