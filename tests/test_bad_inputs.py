@@ -259,3 +259,20 @@ def test_hub_dataset_offline_is_one_clear_line(monkeypatch) -> None:
         TEXT.load("hf-hub:lepton-test/no-such-dataset")
     message = str(info.value)
     assert "HF_DATASETS_OFFLINE" in message and "save_to_disk" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("name", "content", "says"), [
+    ("ragged.csv", "text,label\nfine,a\ntoo,many,fields,b\n", ["Expected 2 fields in line 3, saw 4",
+                                                                "as many fields as the header"]),
+    ("open.csv", 'text,label\n"never closed,a\nnext,b\n', ["EOF inside string", "quote fields"]),
+    ("broken.jsonl", '{"text": "a", "label": "x"}\n{"text": \n', ["one complete JSON object per line"]),
+])
+def test_a_malformed_table_names_the_file_the_parser_error_and_the_fix(tmp_path, name, content, says) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as info:
+        TextModality().load(str(path))
+    message = str(info.value)
+    assert name in message and "DatasetGenerationError" not in message
+    for part in says:
+        assert part in message

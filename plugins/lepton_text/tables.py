@@ -64,7 +64,10 @@ def read_table(path: str | Path, findings: Findings | None = None) -> Any:
     try:
         ds = datasets.load_dataset(kind, data_files=str(source), split="train", **kwargs)
     except Exception as exc:  # the builders raise many types; name the file and the cause
-        raise DataError(f"Could not read {str(path)!r} as {kind}: {type(exc).__name__}: {exc}") from exc
+        root = _root_cause(exc)
+        hint = _TABLE_HINTS.get(path.suffix.lower().lstrip("."), "")
+        raise DataError(f"Could not read {str(path)!r} as {kind}: {type(root).__name__}: "
+                        f"{str(root).strip().rstrip('.')[:500]}.{' ' + hint if hint else ''}") from exc
     finally:
         if tmp is not None:  # load_dataset has copied the rows into its Arrow cache by now
             tmp.cleanup()
@@ -149,3 +152,21 @@ def text_data_from_dataset(
     findings.fixed("empty-text", dropped["empty text"], f"dropped {dropped['empty text']} rows with empty or blank text")
     return assemble(examples=texts, labels=labels, keys=[t.strip() for t in texts], findings=findings, name=name,
                     split_of=split_of if parts[0][0] else ())
+
+
+_TABLE_HINTS = {
+    "csv": "Every row needs as many fields as the header; quote fields that hold commas or line breaks "
+           "(\"like, this\") and double the quotes inside them.",
+    "tsv": "Every row needs as many tab-separated fields as the header.",
+    "jsonl": "JSONL holds one complete JSON object per line, such as {\"text\": \"...\", \"label\": \"...\"}.",
+}
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost error: ``datasets`` wraps the parser's own message (which line, which field) in a
+    generic ``DatasetGenerationError``."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
