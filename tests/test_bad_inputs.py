@@ -265,7 +265,9 @@ def test_hub_dataset_offline_is_one_clear_line(monkeypatch) -> None:
     ("ragged.csv", "text,label\nfine,a\ntoo,many,fields,b\n", ["Expected 2 fields in line 3, saw 4",
                                                                 "as many fields as the header"]),
     ("open.csv", 'text,label\n"never closed,a\nnext,b\n', ["EOF inside string", "quote fields"]),
-    ("broken.jsonl", '{"text": "a", "label": "x"}\n{"text": \n', ["one complete JSON object per line"]),
+    ("broken.jsonl", '{"text": "a", "label": "x"}\n{"text": \n', ["line 2 is not valid JSON",
+                                                                 "one complete JSON object per line"]),
+    ("list.jsonl", '{"text": "a", "label": "x"}\n[1, 2]\n', ["line 2 is a JSON list, not an object"]),
 ])
 def test_a_malformed_table_names_the_file_the_parser_error_and_the_fix(tmp_path, name, content, says) -> None:
     path = tmp_path / name
@@ -276,3 +278,10 @@ def test_a_malformed_table_names_the_file_the_parser_error_and_the_fix(tmp_path,
     assert name in message and "DatasetGenerationError" not in message
     for part in says:
         assert part in message
+
+
+def test_random_bytes_named_csv_are_refused_as_not_text(tmp_path) -> None:
+    path = tmp_path / "random.csv"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size=5000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"random.csv' is not a text table: \d+ of its \d+ lines are not valid UTF-8"):
+        TextModality().load(str(path))

@@ -47,6 +47,12 @@ def read_table(path: str | Path, findings: Findings | None = None) -> Any:
     if kind in ("csv", "json"):
         raw = path.read_bytes()
         lines = [line for line in raw.splitlines() if line.strip()]
+        undecodable = sum(1 for line in lines if not _is_utf8(line))
+        nul = b"\x00" in raw
+        if nul or undecodable > max(1, len(lines) // 2):
+            raise DataError(f"Data file {str(path)!r} is not a text table: {undecodable} of its {len(lines)} lines "
+                            f"are not valid UTF-8 text{' and it holds NUL bytes' if nul else ''} (a binary "
+                            "file?). Export the table as UTF-8 CSV, TSV or JSONL.")
         if kind == "csv" and len(lines) <= 1:
             raise DataError(f"Data file {str(path)!r} has a header but no rows. Add labelled rows.")
         try:
@@ -61,14 +67,24 @@ def read_table(path: str | Path, findings: Findings | None = None) -> Any:
             tmp = tempfile.TemporaryDirectory(prefix="lepton-utf8-")
             source = Path(tmp.name) / path.name
             source.write_text(raw.decode("utf-8", errors="replace"), encoding="utf-8")
+    # datasets' "Generating train split" bars and its own error lines are noise here: the error below
+    # says what went wrong. Both settings are put back as they were.
+    shown, verbosity = datasets.utils.logging.is_progress_bar_enabled(), datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(kind, data_files=str(source), split="train", **kwargs)
     except Exception as exc:  # the builders raise many types; name the file and the cause
-        root = _root_cause(exc)
         hint = _TABLE_HINTS.get(path.suffix.lower().lstrip("."), "")
-        raise DataError(f"Could not read {str(path)!r} as {kind}: {type(root).__name__}: "
-                        f"{str(root).strip().rstrip('.')[:500]}.{' ' + hint if hint else ''}") from exc
+        where = _bad_json_line(source) if path.suffix.lower() == ".jsonl" else None
+        if where is None:
+            root = _root_cause(exc)
+            where = f"{type(root).__name__}: {str(root).strip().rstrip('.')[:500]}"
+        raise DataError(f"Could not read {str(path)!r} as {kind}: {where}.{' ' + hint if hint else ''}") from exc
     finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if shown:
+            datasets.utils.logging.enable_progress_bar()
         if tmp is not None:  # load_dataset has copied the rows into its Arrow cache by now
             tmp.cleanup()
     return ds
@@ -170,3 +186,20 @@ def _root_cause(exc: BaseException) -> BaseException:
         seen.add(id(inner))
         exc = inner
     return exc
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSONL file stops being one JSON object per line: "line N is ...", or None."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object"
+    return None
