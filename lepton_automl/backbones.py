@@ -43,6 +43,9 @@ class BackboneCard:
     license: str = "unknown"
     description: str = ""
     build_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # Its architecture's Python code ships with its weights (transformers' ``trust_remote_code``): it
+    # loads only from a registry the user allowed to run such code (``--trust-remote-code``).
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         scheme, sep, rest = self.ref.partition(":")
@@ -86,10 +89,13 @@ class BackboneRegistry:
     """The cards known to one process or one search; built-in cards arrive by entry point.
 
     ``BackboneRegistry()`` starts from every installed ``lepton_automl.backbones`` entry point;
-    ``BackboneRegistry(cards=[...], autoload=False)`` starts from exactly the given cards.
+    ``BackboneRegistry(cards=[...], autoload=False)`` starts from exactly the given cards. Cards whose
+    code ships with their weights (``trust_remote_code``) load only with ``trust_remote_code=True``.
     """
 
-    def __init__(self, *, cards: Iterable[BackboneCard] = (), autoload: bool | None = None) -> None:
+    def __init__(self, *, cards: Iterable[BackboneCard] = (), autoload: bool | None = None,
+                 trust_remote_code: bool = False) -> None:
+        self.trust_remote_code = bool(trust_remote_code)
         self._cards: dict[str, BackboneCard] = {}
         self._providers = PluginRegistry(BACKBONES, autoload=autoload)
         self._sources = PluginRegistry(SOURCES, autoload=autoload)
@@ -201,6 +207,12 @@ class BackboneRegistry:
 
     def load(self, card: BackboneCard | str, *, pretrained: bool = True) -> Any:
         card = self.get(card) if isinstance(card, str) else card
+        if card.trust_remote_code and not self.trust_remote_code:
+            raise ConfigError(
+                f"Backbone {card.name!r} ({card.ref}) runs Python code that ships with its weights "
+                "(trust_remote_code). Read that code first; then pass --trust-remote-code (or "
+                "BackboneRegistry(trust_remote_code=True)) to allow it, or pick another backbone."
+            )
         return self.source(card.scheme).load(card, pretrained=pretrained)
 
 

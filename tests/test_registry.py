@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,46 @@ def test_every_card_builds_and_honours_its_modality_cut_contract(card: BackboneC
         with torch.no_grad():
             features = parts.tail(*parts.trunk(*inputs))
         assert tuple(features.shape) == (2, parts.feature_dim), (card.name, blocks)
+
+
+def _remote_code_model(root: Path) -> Path:
+    """A local folder like a hub repository whose architecture is Python code shipped beside its config."""
+    import json
+
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "lepton-tiny-remote", "hidden_size": 8,
+        "auto_map": {"AutoConfig": "tiny_code.TinyConfig", "AutoModel": "tiny_code.TinyModel"}}))
+    (root / "tiny_code.py").write_text(
+        "import torch\n"
+        "from transformers import PretrainedConfig, PreTrainedModel\n\n"
+        "class TinyConfig(PretrainedConfig):\n"
+        "    model_type = 'lepton-tiny-remote'\n\n"
+        "    def __init__(self, hidden_size=8, **kwargs):\n"
+        "        self.hidden_size = hidden_size\n"
+        "        super().__init__(**kwargs)\n\n"
+        "class TinyModel(PreTrainedModel):\n"
+        "    config_class = TinyConfig\n\n"
+        "    def __init__(self, config):\n"
+        "        super().__init__(config)\n"
+        "        self.proj = torch.nn.Linear(config.hidden_size, config.hidden_size)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.proj(x)\n")
+    return root
+
+
+def test_code_that_ships_with_weights_runs_only_when_the_user_allows_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    folder = _remote_code_model(tmp_path / "remote")
+    plain = BackboneCard(name="plain", ref=f"local-dir:{folder}", modality="text", weights="local")
+    marked = dataclasses.replace(plain, name="marked", trust_remote_code=True)
+    registry = BackboneRegistry(cards=[plain, marked])
+    # a card that does not say so never runs the folder's code: transformers refuses it
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        registry.load("plain", pretrained=False)
+    # a card that says so is refused until the user allows remote code, with the flag to pass
+    with pytest.raises(ConfigError, match="--trust-remote-code"):
+        registry.load("marked", pretrained=False)
+    allowed = BackboneRegistry(cards=[marked], trust_remote_code=True)
+    model = allowed.load("marked", pretrained=False)
+    assert type(model).__name__ == "TinyModel" and model.proj.in_features == 8

@@ -48,10 +48,10 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _registry(registry_file: Optional[Path]) -> Any:
+def _registry(registry_file: Optional[Path], *, trust_remote_code: bool = False) -> Any:
     from lepton_automl.backbones import BackboneRegistry
 
-    registry = BackboneRegistry()
+    registry = BackboneRegistry(trust_remote_code=trust_remote_code)
     if registry_file is not None:
         from lepton_registry import cards_from_file
 
@@ -154,6 +154,8 @@ def search(
     serving_batch: int = typer.Option(32, help="Batch size served in production: its throughput prices inference."),
     hardware_file: Optional[Path] = typer.Option(None, help="TOML file of extra hardware profiles."),
     registry_file: Optional[Path] = typer.Option(None, help="TOML/YAML file of extra backbone cards."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow backbones whose cards say "
+                                           "their Python code ships with their weights (read that code first)."),
     pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy, latency or knee."),
     keep_all_artifacts: bool = typer.Option(False, help="Keep the model files of trials off the front too."),
     export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
@@ -177,7 +179,7 @@ def search(
             outcome = run_search(
                 data, modality=modality, data_options={"text_column": text_column, "label_column": label_column,
                                                    "strict": strict},
-                registry=_registry(registry_file), backbones=backbone, storage=storage, study_name=study_name,
+                registry=_registry(registry_file, trust_remote_code=trust_remote_code), backbones=backbone, storage=storage, study_name=study_name,
                 n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, run_root=run_dir,
                 warm_start=warm_start, untrained=untrained, limits=limits, train_profile=train_hardware,
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month, serving_batch=serving_batch,

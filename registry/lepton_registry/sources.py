@@ -118,7 +118,10 @@ class HubSource:
     def _from_pretrained(self, loader: Any, card: BackboneCard) -> Any:
         where = transformers_path(card)
         try:
-            return loader.from_pretrained(where, local_files_only=hub_offline())
+            # True only for cards that say so, which BackboneRegistry.load lets through only when the
+            # user allowed remote code (--trust-remote-code).
+            return loader.from_pretrained(where, local_files_only=hub_offline(),
+                                          trust_remote_code=card.trust_remote_code)
         except OSError as exc:
             raise WeightsUnavailableError(
                 f"Cannot load {card.ref} ({'HF_HUB_OFFLINE=1 is set' if hub_offline() else 'no network'}"
@@ -131,7 +134,7 @@ class HubSource:
 
         if not pretrained:
             config = self._from_pretrained(AutoConfig, card)
-            return AutoModel.from_config(config)
+            return AutoModel.from_config(config, trust_remote_code=card.trust_remote_code)
         return self._from_pretrained(AutoModel, card)
 
     def load_tokenizer(self, card: BackboneCard) -> Any:
