@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from lepton_automl.exceptions import BackboneNotFoundError, ConfigError, PluginError, did_you_mean
 from lepton_automl.log import get_logger
+from lepton_automl.names import check_name
 from lepton_automl.plugins import BACKBONES, SOURCES, PluginRegistry
 
 logger = get_logger(__name__)
@@ -48,6 +49,7 @@ class BackboneCard:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_name(self.name, what="Backbone card")
         scheme, sep, rest = self.ref.partition(":")
         if not sep or scheme not in SCHEMES or not rest:
             raise ConfigError(

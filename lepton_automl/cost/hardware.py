@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib  # type: ignore[no-redef]
 
 from lepton_automl.exceptions import ConfigError, did_you_mean
+from lepton_automl.names import check_name
 
 BUILTIN_PROFILES = Path(__file__).with_name("profiles.toml")
 
@@ -33,6 +34,9 @@ class HardwareProfile:
     description: str = ""
     source: str = ""
     date: str = ""
+
+    def __post_init__(self) -> None:
+        check_name(self.name, what="Hardware profile")
 
 
 def load_profiles(extra_file: str | Path | None = None) -> dict[str, HardwareProfile]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_automl.backbones import BackboneCard
-from lepton_automl.exceptions import WeightsUnavailableError
+from lepton_automl.exceptions import ConfigError, WeightsUnavailableError
 from lepton_automl.log import get_logger
 
 logger = get_logger(__name__)
@@ -24,6 +24,9 @@ logger = get_logger(__name__)
 def _pip_path(spec: str) -> Path | None:
     """'module/rel/path' -> the path inside the installed package, or None if not installed."""
     module, _, rel = spec.partition("/")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ConfigError(f"Weights {spec!r} must name a file inside the package {module!r}: no '..' and no "
+                          "absolute path. Write them as 'pip:module/relative/file'.")
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         return None
