@@ -92,7 +92,7 @@ class BackboneRegistry:
 
     ``BackboneRegistry()`` starts from every installed ``lepton_automl.backbones`` entry point;
     ``BackboneRegistry(cards=[...], autoload=False)`` starts from exactly the given cards. Cards whose
-    code ships with their weights (``trust_remote_code``) load only with ``trust_remote_code=True``.
+    code ships with their weights (``trust_remote_code``) load only when ``trust_remote_code`` is set here.
     """
 
     def __init__(self, *, cards: Iterable[BackboneCard] = (), autoload: bool | None = None,
@@ -212,8 +212,8 @@ class BackboneRegistry:
         if card.trust_remote_code and not self.trust_remote_code:
             raise ConfigError(
                 f"Backbone {card.name!r} ({card.ref}) runs Python code that ships with its weights "
-                "(trust_remote_code). Read that code first; then pass --trust-remote-code (or "
-                "BackboneRegistry(trust_remote_code=True)) to allow it, or pick another backbone."
+                "(trust_remote_code). Read that code first; then pass --trust-remote-code (in Python: a "
+                "BackboneRegistry with trust_remote_code set) to allow it, or pick another backbone."
             )
         return self.source(card.scheme).load(card, pretrained=pretrained)
 

@@ -291,24 +291,26 @@ def write_pngs(directory: str | Path, study: Any, front: Sequence[FrontRow], *,
             ax.scatter([rec.values[1]], [rec.values[0]], marker="*", s=300, color="crimson",
                        label=f"recommended (trial {rec.number})", zorder=5)
     ax.set_xscale("log")
-    ax.set_xlabel("latency, batch 1 (ms, log scale)")
-    ax.set_ylabel("validation accuracy")
-    ax.legend(loc="lower right")
-    ax.set_title("Accuracy against latency")
-    fig.tight_layout()
-    front_png = directory / "front.png"
-    fig.savefig(front_png, dpi=110)
-    plt.close(fig)
+    front_png = _save(fig, ax, directory / "front.png", xlabel="latency, batch 1 (ms, log scale)",
+                      title="Accuracy against latency")
     xs, ys, best_x, best_y, _ = _history(trials)
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.scatter(xs, ys, s=18, label="trial")
     ax.step(best_x, best_y, where="post", color="darkorange", label="best feasible so far")
-    ax.set_xlabel("wall time since the first trial started (s)")
+    history_png = _save(fig, ax, directory / "history.png", xlabel="wall time since the first trial started (s)",
+                        title="Optimization history")
+    return [front_png, history_png]
+
+
+def _save(fig: Any, ax: Any, path: Path, *, xlabel: str, title: str) -> Path:
+    """Label (validation accuracy up the side), write ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy")
     ax.legend(loc="lower right")
-    ax.set_title("Optimization history")
+    ax.set_title(title)
     fig.tight_layout()
-    history_png = directory / "history.png"
-    fig.savefig(history_png, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [front_png, history_png]
+    return path
