@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lepton_automl.accel import CPU, Accelerator
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.interfaces import Modality
 from lepton_automl.training.finetune import FineTuneConfig, fine_tune
@@ -38,6 +39,7 @@ def recover(
     after_batch: Callable[[int], None] | None = None,
     after_epoch: Callable[[int], None] | None = None,
     calibration_examples: int = 512,
+    accel: Accelerator = CPU,
 ) -> None:
     """Fine-tune ``model`` (in place) on ``data`` for ``epochs`` at a constant ``lr``; own RNG from ``seed``.
 
@@ -51,5 +53,5 @@ def recover(
     cfg = FineTuneConfig(epochs=epochs, lr=lr, weight_decay=1e-4, batch_size=batch_size, warmup_fraction=0.0,
                          schedule="constant", label_smoothing=0.0, keep_best=False, seed=seed,
                          calibration_examples=calibration_examples, freeze_batchnorm=False)
-    fine_tune(model, modality, data, preprocessing, cfg, after_batch=after_batch,
+    fine_tune(model, modality, data, preprocessing, cfg, after_batch=after_batch, accel=accel,
               after_epoch=None if after_epoch is None else (lambda epoch, _accuracy: after_epoch(epoch)))

@@ -16,7 +16,8 @@ global torch RNG is untouched, and the same seed reproduces the same weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lepton_automl.accel import CPU, Accelerator, DecodedSet, decode_all, encoded_batches
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.interfaces import Modality
 from lepton_automl.log import get_logger
@@ -58,6 +60,7 @@ class FineTuneLog:
     curve: list[float] = field(default_factory=list)  # validation accuracy after each epoch
     best_epoch: int = 0
     seconds_per_epoch: list[float] = field(default_factory=list)
+    micro_batch: int = 0  # the largest piece of a batch that fit in memory (the batch, unless a GPU ran out)
 
 
 def _groups(model: nn.Module, cfg: FineTuneConfig) -> list[dict[str, Any]]:
@@ -94,35 +97,78 @@ def fine_tune(
     after_batch: Callable[[int], None] | None = None,
     after_epoch: Callable[[int, float | None], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    accel: Accelerator = CPU,
 ) -> FineTuneLog:
     """Train ``model`` (in place, every parameter) on ``data``; return the validation curve.
 
     ``after_batch(epoch)`` runs after each step (deadline checks; it may raise to stop),
     ``after_epoch(epoch, validation_accuracy)`` after each epoch but the last (early stopping).
+    On a CUDA ``accel`` the model trains there (mixed precision, channels-last, decoded data kept in
+    memory when it fits) and comes back to the device it came from. A step that runs out of GPU
+    memory is retried in halves with gradient accumulation, so ``cfg.batch_size`` (a hyperparameter)
+    never changes; the largest piece that fit is ``FineTuneLog.micro_batch``.
     """
     import time
 
     from transformers import get_scheduler
 
-    log = FineTuneLog()
+    log = FineTuneLog(micro_batch=cfg.batch_size)
     examples, labels = data.examples, np.asarray(data.labels)
-    names = modality.input_names()
+    home = _device_of(model)
+    accel.prepare(model)
+    decoded = decode_all(modality, examples, preprocessing, accel=accel)
+    decoded_val = (decode_all(modality, validation.examples, preprocessing, accel=accel)
+                   if decoded is not None and validation is not None and len(validation) else None)
 
-    def batch(idx: Sequence[int], source: LabelledData = data) -> list[torch.Tensor]:
-        feeds = modality.encode([source.examples[i] for i in idx], preprocessing=preprocessing)
-        return [torch.from_numpy(feeds[n]) for n in names]
+    def batches(order: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+        if decoded is not None:
+            for s in range(0, len(order), size):
+                idx = order[s : s + size]
+                yield idx, accel.inputs(decoded.batch(idx))
+        else:
+            for idx, tensors in encoded_batches(modality, examples, preprocessing, batch_size=size, accel=accel,
+                                                order=order):
+                yield idx, accel.inputs(tensors)
 
     def recalibrate(order: np.ndarray) -> None:
-        subset = order[: cfg.calibration_examples]
-        recalibrate_batchnorm(model, (batch(subset[s : s + 64]) for s in range(0, len(subset), 64)))
+        recalibrate_batchnorm(model, (inputs for _, inputs in batches(order[: cfg.calibration_examples], 64)))
 
     for p in model.parameters():
         p.requires_grad_(True)
     steps_per_epoch = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
     total = max(1, steps_per_epoch * cfg.epochs)
-    weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, dtype=torch.float32)
+    weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, dtype=torch.float32,
+                                                                   device=accel.device)
+    scaler = accel.grad_scaler()
+    check_every = 8 if accel.cuda else 1  # a finiteness check waits for the GPU: not after every step
+
+    def step(inputs: list[torch.Tensor], target: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Gradients of one batch, in pieces of ``log.micro_batch`` (halved on out-of-memory errors)."""
+        while True:
+            try:
+                opt.zero_grad(set_to_none=True)
+                n, total_loss = len(target), torch.zeros((), device=target.device)
+                for s in range(0, n, log.micro_batch):
+                    part = slice(s, s + log.micro_batch)
+                    with accel.autocast():
+                        logits = model(*[t[part] for t in inputs])
+                    loss = nn.functional.cross_entropy(logits.float(), target[part], weight=weights,
+                                                       label_smoothing=cfg.label_smoothing) * (len(target[part]) / n)
+                    scaler.scale(loss).backward()
+                    total_loss += loss.detach()
+                return total_loss
+            except torch.OutOfMemoryError:
+                if log.micro_batch <= 1:
+                    raise
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                log.micro_batch //= 2
+                logger.warning("a training batch did not fit in GPU memory in epoch %d; accumulating "
+                               "gradients over pieces of %d examples", epoch, log.micro_batch)
+
     best_state, best_acc = None, -1.0
-    with torch.random.fork_rng(devices=[]):
+    # Autotuning convolutions costs seconds per input shape: only worth it for long runs.
+    with torch.random.fork_rng(devices=[]), accel.kernels(autotune=total >= 500):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.AdamW(_groups(model, cfg))
@@ -137,15 +183,15 @@ def fine_tune(
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
             order = torch.randperm(len(examples), generator=gen).numpy()
-            for k, s in enumerate(range(0, len(order), cfg.batch_size)):
-                idx = order[s : s + cfg.batch_size]
-                loss = nn.functional.cross_entropy(model(*batch(idx)), torch.as_tensor(labels[idx]),
-                                                   weight=weights, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"training loss became {loss.item()} in epoch {epoch}; lower optim__lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            for k, (idx, inputs) in enumerate(batches(order, cfg.batch_size)):
+                target = torch.as_tensor(labels[idx]).to(accel.device, non_blocking=accel.pin_memory)
+                loss = step(inputs, target, epoch)
+                if (k + 1) % check_every == 0 or k + 1 == steps_per_epoch:
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"training loss became {loss.item()} in epoch {epoch}; "
+                                               "lower optim__lr")
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 if after_batch is not None:
                     after_batch(epoch)
@@ -156,11 +202,13 @@ def fine_tune(
                 recalibrate(order)
             accuracy = None
             if judged:
-                accuracy = evaluate_accuracy(model, modality, validation, preprocessing)
+                accuracy = evaluate_accuracy(model, modality, validation, preprocessing, accel=accel,
+                                             decoded=decoded_val)
                 log.curve.append(accuracy)
                 if cfg.keep_best and accuracy > best_acc:
                     best_acc, log.best_epoch = accuracy, epoch
                     best_state = copy.deepcopy(model.state_dict())
+            accel.synchronize()
             log.seconds_per_epoch.append(time.perf_counter() - start)
             if after_epoch is not None and epoch < cfg.epochs:
                 after_epoch(epoch, accuracy)
@@ -171,24 +219,33 @@ def fine_tune(
         p.requires_grad_(False)
     model.eval()
     if validation is None and not cfg.freeze_batchnorm:  # statistics over the whole training set
-        recalibrate_batchnorm(model, (batch(range(s, min(s + 64, len(examples))))
-                                      for s in range(0, len(examples), 64)))
+        recalibrate(np.arange(len(examples)))
+    model.to(home, memory_format=torch.contiguous_format)
     return log
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def time_training_step(model: nn.Module, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any],
-                       *, batch_size: int = 32, repeats: int = 2) -> float:
+                       *, batch_size: int = 32, repeats: int = 2, accel: Accelerator = CPU) -> float:
     """Seconds of one training step (encode, forward, backward) on a batch of ``data``, the best of
     ``repeats`` after one warm-up; no weight changes (gradients are discarded). Times the real thing
     rather than extrapolating from inference: on the man-page set a MiniLM epoch was predicted at 159 s
-    from feature extraction and took 27 s."""
+    from feature extraction and took 27 s. On a GPU the step runs there, in mixed precision; encoding
+    is left out of the time (worker processes do it while the GPU computes)."""
     import time
 
     names = modality.input_names()
     n = min(batch_size, len(data))
     feeds = modality.encode(list(data.examples[:n]), preprocessing=preprocessing)
-    inputs = [torch.from_numpy(feeds[k]) for k in names]
-    labels = torch.as_tensor(np.array(data.labels[:n], dtype=np.int64))
+    home = _device_of(model)
+    accel.prepare(model)
+    inputs = accel.inputs([torch.from_numpy(feeds[k]) for k in names])
+    labels = torch.as_tensor(np.array(data.labels[:n], dtype=np.int64)).to(accel.device)
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # batch-norm statistics
@@ -200,8 +257,12 @@ def time_training_step(model: nn.Module, modality: Modality, data: LabelledData,
             model.train()
             for i in range(repeats + 1):
                 start = time.perf_counter()
-                modality.encode(list(data.examples[:n]), preprocessing=preprocessing)
-                nn.functional.cross_entropy(model(*inputs), labels).backward()
+                if not accel.cuda:
+                    modality.encode(list(data.examples[:n]), preprocessing=preprocessing)
+                with accel.autocast():
+                    logits = model(*inputs)
+                nn.functional.cross_entropy(logits.float(), labels).backward()
+                accel.synchronize()
                 if i:
                     best = min(best, time.perf_counter() - start)
     finally:
@@ -212,17 +273,27 @@ def time_training_step(model: nn.Module, modality: Modality, data: LabelledData,
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
         model.train(was_training)
+        model.to(home, memory_format=torch.contiguous_format)
     return best
 
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, modality: Modality, data: LabelledData,
-                      preprocessing: Mapping[str, Any], *, batch_size: int = 64) -> float:
-    """Accuracy of the torch model on ``data`` (eval mode; running normalisation statistics)."""
+                      preprocessing: Mapping[str, Any], *, batch_size: int = 64, accel: Accelerator = CPU,
+                      decoded: DecodedSet | None = None) -> float:
+    """Accuracy of the torch model on ``data`` (eval mode; running normalisation statistics), computed
+    on the device the model is on (``decoded``: ``data`` already decoded)."""
     model.eval()
-    names, correct = modality.input_names(), 0
-    for s in range(0, len(data), batch_size):
-        feeds = modality.encode(data.examples[s : s + batch_size], preprocessing=preprocessing)
-        logits = model(*[torch.from_numpy(feeds[n]) for n in names])
-        correct += int((logits.argmax(1).numpy() == np.asarray(data.labels[s : s + batch_size])).sum())
+    device, correct = _device_of(model), 0
+    on_device = dataclasses.replace(accel, device=str(device)) if device.type == "cuda" else CPU
+    labels = np.asarray(data.labels)
+    if decoded is not None:
+        parts: Iterable[tuple[np.ndarray, list[torch.Tensor]]] = (
+            (idx, decoded.batch(idx)) for idx in np.array_split(np.arange(len(data)), max(1, -(-len(data) // batch_size))))
+    else:
+        parts = encoded_batches(modality, data.examples, preprocessing, batch_size=batch_size, accel=on_device)
+    for idx, tensors in parts:
+        with on_device.autocast():
+            logits = model(*on_device.inputs(tensors))
+        correct += int((logits.argmax(1).cpu().numpy() == labels[idx]).sum())
     return correct / max(1, len(data))
