@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lepton_automl.accel import resolve_device
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.compression.pruning import PruneReport, prune_structured
 from lepton_automl.compression.quantization import quantize_onnx
@@ -126,6 +127,7 @@ class Lepton:
         seed: int = 0,
         registry: BackboneRegistry | None = None,
         verbose: bool = True,
+        device: str = "cpu",
     ) -> None:
         if len(input_shape) != 3:
             raise ConfigError(f"input_shape is (height, width, channels), got {input_shape}.")
@@ -135,6 +137,7 @@ class Lepton:
         self.pretrained = pretrained
         self.seed = seed
         self.verbose = verbose
+        self._accel = resolve_device(device)  # where fit() trains: "cpu", "auto", "cuda[:N]"
         self._registry = registry or BackboneRegistry()
         self._modality = PluginRegistry(MODALITIES).load("image")()
         self._generator = torch.Generator().manual_seed(seed)
@@ -232,7 +235,7 @@ class Lepton:
 
             try:
                 log = fine_tune(model, self._modality, train, self._prep, cfg, validation=validation,
-                                progress=shown)
+                                progress=shown, accel=self._accel)
             except TrainingDiverged as exc:
                 where = str(exc).split(";")[0]
                 raise ConfigError(f"Training diverged ({where}); lower lr (now {lr}).") from None

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lepton_automl.accel import DEVICE_HELP
 from lepton_automl.exceptions import LeptonError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -160,6 +161,7 @@ def search(
     keep_all_artifacts: bool = typer.Option(False, help="Keep the model files of trials off the front too."),
     export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
     png: bool = typer.Option(False, "--png", help="Also draw the front and the history as PNG files."),
+    device: str = typer.Option("auto", help=f"Where to extract features and train: {DEVICE_HELP}."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Search backbones, training, and quantization; print the Pareto front and export the pick."""
@@ -185,7 +187,7 @@ def search(
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month, serving_batch=serving_batch,
                 hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout, class_weights=class_weights,
                 warm_start_from=warm_start_from, early_stopping=EarlyStopping() if early_stopping else None,
-                progress=progress.features, callbacks=[progress.trial_done], worker=worker,
+                progress=progress.features, callbacks=[progress.trial_done], worker=worker, device=device,
             )
         for number, reason in outcome.failed:
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)
@@ -285,6 +287,7 @@ def compress(
     serving_batch: int = typer.Option(32, help="Batch size for the throughput measurement."),
     text_column: Optional[str] = typer.Option(None, help="Text column of a table."),
     label_column: Optional[str] = typer.Option(None, help="Label column of a table."),
+    device: str = typer.Option("auto", help=f"Where recovery trains and both models are measured: {DEVICE_HELP}."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Prune and/or quantize an exported model; measure it before and after on the same data."""
@@ -295,7 +298,7 @@ def compress(
         target = out or model_dir.with_name(model_dir.name + "-compressed")
         result = compress_export(model_dir, data=data, out=target, prune=prune, quant=quant,
                                  recovery_epochs=recovery_epochs, recovery_lr=recovery_lr, seed=seed,
-                                 serving_batch=serving_batch,
+                                 serving_batch=serving_batch, device=device,
                                  data_options={"text_column": text_column, "label_column": label_column})
         table = Table(title=f"{model_dir} -> {target} ({result.seconds:.0f} s)")
         for column in ("", "runtime", "val acc", "latency ms (b1)", "p90 ms", f"b{serving_batch} ms", "file MB",

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from lepton_automl.accel import DEVICE_HELP
 from lepton_automl.cli._app import _fail, _setup_logging, app, console, err
 from lepton_automl.exceptions import LeptonError
 
@@ -17,6 +18,7 @@ def predict(
     inputs: list[str] = typer.Argument(..., help="Image files or folders; texts, or a .csv/.jsonl/.parquet of texts."),
     out: Optional[Path] = typer.Option(None, help="Write a CSV (input, label, probability per class) here."),
     batch_size: int = typer.Option(64, help="Examples per model call."),
+    device: str = typer.Option("cpu", help=f"Where the model runs: {DEVICE_HELP}."),
 ) -> None:
     """Predict with an exported model: labels on stdout, or every class's probability in a CSV (--out)."""
     try:
@@ -26,7 +28,7 @@ def predict(
 
         from lepton_automl.export.artifact import Predictor, softmax
 
-        predictor = Predictor.load(model_dir)
+        predictor = Predictor.load(model_dir, device=device)
         examples = predictor.modality.read_inputs(list(inputs))
         if out is None:
             for item, label in zip(examples, predictor.predict_examples(examples)):
@@ -65,6 +67,7 @@ def serve(
     max_pixels: int = typer.Option(40_000_000, help="Largest image accepted, in pixels (before decoding)."),
     max_text_chars: int = typer.Option(20_000, help="Longest text accepted, in characters."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads (default: ONNX Runtime's choice)."),
+    device: str = typer.Option("cpu", help=f"Where the model runs: {DEVICE_HELP}."),
 ) -> None:
     """Serve an export folder over HTTP: POST /predict, GET /health, GET /metadata (docs at /docs)."""
     _setup_logging(False)
@@ -77,7 +80,7 @@ def serve(
         limits = ServeLimits(max_request_bytes=int(max_request_mb * 2**20), max_inputs=max_inputs,
                              inputs=InputLimits(max_pixels=max_pixels, max_text_chars=max_text_chars))
         application = create_app(model_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits,
-                                 threads=threads)
+                                 threads=threads, device=device)
         console.print(f"Serving {model_dir} on http://{host}:{port} (POST /predict; docs at /docs)", highlight=False)
         uvicorn.run(application, host=host, port=port, log_level="warning", h11_max_incomplete_event_size=64 * 1024)
     except LeptonError as exc:

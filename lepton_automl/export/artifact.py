@@ -19,7 +19,10 @@ from torch import nn
 from lepton_automl.backbones import BackboneCard
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.card import render_model_card
+from lepton_automl.log import get_logger
 from lepton_automl.sessions import ort_session
+
+logger = get_logger(__name__)
 
 FORMAT_VERSION = 1
 METADATA = "lepton.json"
@@ -213,10 +216,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Predictor:
     """Run an export folder: raw inputs in, class names out. The runtime is ONNX Runtime on the
     export's ONNX file, or torch for the torch runtimes (``torch-int8`` dynamic quantization on CPU,
-    ``torch-fp16``/``torch-bf16`` on GPU), rebuilt from the safetensors weights."""
+    ``torch-fp16``/``torch-bf16`` on GPU), rebuilt from the safetensors weights.
+
+    ``device`` ("cpu", "auto", "cuda[:N]"): on a CUDA GPU the export runs in torch there, in its own
+    fp16/bf16 runtime or else in bf16 rebuilt from the fp32 weights (ONNX Runtime's int8 files and
+    torch's dynamic int8 are CPU runtimes); ``runtime_used`` says which.
+    """
 
     def __init__(self, directory: str | Path, *, threads: int | None = None, modalities: Any = None,
                  device: str | None = None) -> None:
+        from lepton_automl.accel import resolve_device
         from lepton_automl.plugins import MODALITIES, PluginRegistry
 
         self.directory = Path(directory)
@@ -227,13 +236,20 @@ class Predictor:
         self.classes = list(self.meta["classes"])
         self.runtime = self.meta.get("runtime", "onnxruntime")
         self.session = self.torch_model = None
-        if self.runtime == "onnxruntime":
+        accel = resolve_device(device or "cpu")
+        kind = self.runtime
+        if accel.cuda and kind not in ("torch-fp16", "torch-bf16"):
+            kind = "torch-bf16"
+            logger.info("%s: the %s runtime runs on the CPU; serving its fp32 weights in bf16 on %s instead",
+                        self.directory, self.runtime, accel.name())
+        self.runtime_used = f"{kind} ({accel.device})" if accel.cuda else self.runtime
+        if kind == "onnxruntime":
             self.session = ort_session(self.directory / self.meta["runtime_file"], threads=threads, spinning=True)
         else:
             from lepton_automl.export.runtime import to_torch_runtime
 
-            self.torch_model = to_torch_runtime(rebuild_model(self.directory, modalities=registry), self.runtime,
-                                                device=device)
+            self.torch_model = to_torch_runtime(rebuild_model(self.directory, modalities=registry), kind,
+                                                device=accel.device if accel.cuda else None)
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs: Any) -> Predictor:

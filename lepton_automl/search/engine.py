@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 
+from lepton_automl.accel import Accelerator, resolve_device
 from lepton_automl.backbones import BackboneRegistry
 from lepton_automl.cost.hardware import CostModel, get_profile, load_profiles
 from lepton_automl.data.dataset import Splits
@@ -138,8 +139,13 @@ def search(
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
     ensembles: bool = True,
     worker: int | None = None,
+    device: str | Accelerator = "cpu",
 ) -> SearchOutcome:
-    """Run (or resume) a multi-objective search and return the study and its Pareto front."""
+    """Run (or resume) a multi-objective search and return the study and its Pareto front.
+
+    ``device`` ("auto", "cpu", "cuda", "cuda:N", or an ``Accelerator``) is where trunk features are
+    extracted and networks trained; what ships is measured on the serving profile's runtime."""
+    accel = device if isinstance(device, Accelerator) else resolve_device(device)
     registry = registry or BackboneRegistry()
     mod = modality if isinstance(modality, Modality) else resolve_modality(data, modality)
     labelled = mod.load(data, options=data_options)
@@ -220,7 +226,10 @@ def search(
                          run_dir=run_dir, limits=limits or Limits(), seed=seed, pretrained=not untrained,
                          threads=threads, trial_timeout=trial_timeout, search_ends_at=search_ends_at,
                          class_weights=class_weights, early_stopping=early_stopping, serving_batch=serving_batch,
-                         progress=progress, n_trials=n_trials, budget_s=timeout)
+                         progress=progress, n_trials=n_trials, budget_s=timeout, accelerator=accel)
+    if accel.cuda:
+        logger.info("training and feature extraction on %s (%s, %s mixed precision, %d decoding workers)",
+                    accel.device, accel.name(), accel.amp_dtype, accel.workers)
     done = counted_trials(study)
     remaining = max(0, n_trials - done)
     if remaining == 0:

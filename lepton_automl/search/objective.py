@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lepton_automl.accel import CPU, Accelerator
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.compression.quantization import quantize_onnx
 from lepton_automl.cost.hardware import CostModel
@@ -85,6 +86,7 @@ class TrialRunner:
     train_cost_ratio: float | None = None  # measured on this study's full fine-tuning trials
     n_trials: int | None = None  # the study's total (all workers): a trial past it is not run
     budget_s: float | None = None  # the search's --timeout, for the model card
+    accelerator: Accelerator = CPU  # where features are extracted and networks trained (--device)
 
     def __post_init__(self) -> None:
         # One trunk store per worker process: each removes its own when it finishes, after writing out
@@ -236,7 +238,8 @@ class TrialRunner:
             t0 = time.perf_counter()
             arrays = {
                 split: run_trunk_fast(parts().trunk, self.modality, getattr(self.splits, split).examples,
-                                      preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}")
+                                      preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}",
+                                      accel=self.accelerator)
                 for split in ("train", "validation", "test")
             }
             cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,

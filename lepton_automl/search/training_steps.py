@@ -102,6 +102,7 @@ class TrainingSteps:
         cfg = dataclasses.replace(cfg, epochs=fits)
         begin = time.perf_counter()
         log = fine_tune(model, self.modality, self.splits.train, prep, cfg, validation=self.splits.validation,
+                        accel=self.runner.accelerator,
                         after_batch=lambda epoch: deadline.check(f"fine-tuning epoch {epoch}"),
                         after_epoch=after_epoch, progress=self.runner.progress)
         measured = (time.perf_counter() - begin) / max(1, len(log.seconds_per_epoch))
@@ -113,7 +114,8 @@ class TrainingSteps:
         """Predicted seconds of one training epoch and validation pass: a timed training step times the
         steps (a forward is about a third of a step), scaled by what this study's finished trials
         measured against such predictions (``train_cost_ratio``; the optimizer step is not timed)."""
-        step_s = time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size)
+        step_s = time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size,
+                                    accel=self.runner.accelerator)
         steps = -(-len(self.splits.train) // batch_size) + -(-len(self.splits.validation) // batch_size) / 3.0
         return step_s * steps * (self.runner.train_cost_ratio or 1.0)
 
@@ -148,7 +150,8 @@ class TrainingSteps:
             # The head was fit to the unpruned features; refit it to the pruned network's. Measured on
             # digits (efficientnet_lite0, 96 px, 50% of weights zeroed): 0.128 validation accuracy
             # with the old head, 0.955 with a refit one, for about 5 s of extraction.
-            outs = run_trunk_fast(model.trunk, self.modality, self.splits.train.examples, preprocessing=prep)
+            outs = run_trunk_fast(model.trunk, self.modality, self.splits.train.examples, preprocessing=prep,
+                                  accel=self.runner.accelerator)
             model.head = select_probe(tail_features(model.tail, outs), self.splits.train.labels,
                                       len(self.splits.classes), seed=seed,
                                       class_weights=self.runner.class_weights_for_training()).head
@@ -164,9 +167,10 @@ class TrainingSteps:
         def judge(epoch: int) -> None:
             if stop is not None and gmacs is not None:
                 stop(stage="pruning recovery", epoch=epoch, epochs_left=epochs - epoch, gmacs=gmacs,
-                     accuracy=evaluate_accuracy(model, self.modality, self.splits.validation, prep))
+                     accuracy=evaluate_accuracy(model, self.modality, self.splits.validation, prep,
+                                                accel=self.runner.accelerator))
 
-        recover(model, self.modality, self.splits.train, prep, epochs=epochs, seed=seed,
+        recover(model, self.modality, self.splits.train, prep, epochs=epochs, seed=seed, accel=self.runner.accelerator,
                 lr=RECOVERY_LR[self.modality.structured_pruning],
                 after_batch=lambda epoch: deadline.check(f"pruning recovery epoch {epoch}"), after_epoch=judge)
 

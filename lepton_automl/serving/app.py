@@ -69,7 +69,7 @@ async def _read_body(request: Any, limit: int) -> bytes:
 
 
 def create_app(model_dir: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0,
-               limits: ServeLimits = ServeLimits(), threads: int | None = None) -> Any:
+               limits: ServeLimits = ServeLimits(), threads: int | None = None, device: str = "cpu") -> Any:
     """The FastAPI application serving ``model_dir``; run it with uvicorn (``lepton serve``)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -77,14 +77,14 @@ def create_app(model_dir: str | Path, *, max_batch: int = 32, max_wait_ms: float
 
     from lepton_automl.export.artifact import Predictor, softmax
 
-    predictor = Predictor(model_dir, threads=threads)
+    predictor = Predictor(model_dir, threads=threads, device=device)
     classes = predictor.classes
     batcher = MicroBatcher(lambda examples: predictor.logits(examples, batch_size=max(64, max_batch)),
                            max_batch=max_batch, max_wait_ms=max_wait_ms)
     meta = predictor.meta
     metadata = {
         "name": meta.get("name"), "modality": meta["modality"], "classes": classes,
-        "runtime": meta.get("runtime", "onnxruntime"), "runtime_file": meta.get("runtime_file"),
+        "runtime": predictor.runtime_used, "runtime_file": meta.get("runtime_file"),
         "backbone": meta["backbone"]["name"], "params": meta.get("params", {}),
         "metrics": {k: meta.get("metrics", {}).get(k) for k in SHOWN_METRICS},
         "limits": {**asdict(limits), "max_top_k": len(classes)},
