@@ -47,6 +47,9 @@ class Accelerator:
     workers: int = 0  # DataLoader processes that decode examples; 0: decode in this process
     pin_memory: bool = False
     cache_bytes: int = 0  # decoded training data is kept in memory up to this size (multi-epoch work)
+    # Workers hand over ``Modality.encode_compact``'s form (uint8 pixels: a quarter of the bytes through
+    # shared memory, pinned memory and the bus), expanded on the device (``model_inputs``).
+    compact_transfer: bool = False
 
     @property
     def cuda(self) -> bool:
@@ -94,6 +97,17 @@ class Accelerator:
             out.append(t)
         return out
 
+    def model_inputs(self, modality: Any, tensors: Sequence[torch.Tensor],
+                     preprocessing: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Batches from ``encoded_batches`` or a ``DecodedSet`` as the model's inputs on this device:
+        moved, expanded from their compact form there (``Modality.expand``), channels-last."""
+        moved = [t.to(self.device, non_blocking=self.pin_memory) for t in tensors]
+        if self.compact_transfer:
+            names = modality.input_names()
+            expanded = modality.expand(dict(zip(names, moved)), preprocessing=preprocessing)
+            moved = [expanded[n] for n in names]
+        return self.inputs(moved)
+
     def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(torch.device(self.device))
@@ -128,7 +142,7 @@ def resolve_device(spec: str = "auto", *, workers: int | None = None) -> Acceler
     total_ram = _total_memory_bytes()
     return Accelerator(device=f"cuda:{index}", amp_dtype="bfloat16" if bf16 else "float16", channels_last=True,
                        workers=min(16, max(1, cpus - 2)) if workers is None else int(workers), pin_memory=True,
-                       cache_bytes=total_ram // 4)
+                       cache_bytes=total_ram // 4, compact_transfer=True)
 
 
 def _total_memory_bytes() -> int:
@@ -167,17 +181,18 @@ class _EncodedChunks(torch.utils.data.Dataset):
     whichever process asks: a DataLoader worker on a GPU machine)."""
 
     def __init__(self, modality: Any, examples: Sequence[Any], preprocessing: Mapping[str, Any],
-                 order: np.ndarray, batch_size: int) -> None:
+                 order: np.ndarray, batch_size: int, compact: bool) -> None:
         self.modality, self.examples, self.preprocessing = modality, examples, preprocessing
         self.order, self.batch_size = order, int(batch_size)
         self.names = modality.input_names()
+        self.encode = modality.encode_compact if compact else modality.encode
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
 
     def __getitem__(self, k: int) -> tuple[np.ndarray, list[torch.Tensor]]:
         idx = self.order[k * self.batch_size : (k + 1) * self.batch_size]
-        feeds = self.modality.encode([self.examples[int(i)] for i in idx], preprocessing=self.preprocessing)
+        feeds = self.encode([self.examples[int(i)] for i in idx], preprocessing=self.preprocessing)
         return idx, [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.names]
 
 
@@ -185,9 +200,10 @@ def encoded_batches(modality: Any, examples: Sequence[Any], preprocessing: Mappi
                     batch_size: int, accel: Accelerator = CPU,
                     order: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
     """(example indices, input tensors on the CPU) per batch of ``order`` (default: all, in order).
-    With ``accel.workers`` the batches are decoded in that many worker processes, ahead of use."""
+    With ``accel.workers`` the batches are decoded in that many worker processes, ahead of use; with
+    ``accel.compact_transfer`` in their compact form (pass them through ``accel.model_inputs``)."""
     order = np.arange(len(examples)) if order is None else np.asarray(order)
-    chunks = _EncodedChunks(modality, examples, preprocessing, order, batch_size)
+    chunks = _EncodedChunks(modality, examples, preprocessing, order, batch_size, accel.compact_transfer)
     if accel.workers <= 0 or len(chunks) <= 1:
         yield from (chunks[k] for k in range(len(chunks)))
         return
@@ -204,7 +220,8 @@ def encoded_batches(modality: Any, examples: Sequence[Any], preprocessing: Mappi
 class DecodedSet:
     """Every example of a dataset encoded once, as whole tensors (rows = examples), for training that
     passes over the same data many times. Sequence inputs are padded to the longest example; a batch
-    drawn from it is trimmed back to its own longest (``batch``)."""
+    drawn from it is trimmed back to its own longest (``batch``). Rows are in the form the workers
+    handed over: pass a batch through ``Accelerator.model_inputs``."""
 
     tensors: tuple[torch.Tensor, ...]
 
@@ -226,7 +243,8 @@ def decode_all(modality: Any, examples: Sequence[Any], preprocessing: Mapping[st
     GPU, and no copy from host memory waits in each training step."""
     if accel.cache_bytes <= 0 or not len(examples):
         return None
-    first = modality.encode(list(examples[: min(batch_size, len(examples))]), preprocessing=preprocessing)
+    encode = modality.encode_compact if accel.compact_transfer else modality.encode
+    first = encode(list(examples[: min(batch_size, len(examples))]), preprocessing=preprocessing)
     per_example = sum(v.nbytes for v in first.values()) / max(1, len(next(iter(first.values()))))
     if per_example * len(examples) > accel.cache_bytes:
         logger.info("decoded training data (~%.0f MB) is above the in-memory limit; decoding per batch",

@@ -179,6 +179,17 @@ class Modality(ABC):
     ) -> dict[str, np.ndarray]:
         """Turn raw examples into model inputs (name -> array with a leading batch axis)."""
 
+    def encode_compact(
+        self, examples: Sequence[Any], *, preprocessing: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """``encode``'s inputs in a more compact form (uint8 pixels, say), for decoding workers to hand to
+        a GPU; ``expand`` finishes them there. Optional: by default, ``encode`` itself."""
+        return self.encode(examples, preprocessing=preprocessing)
+
+    def expand(self, inputs: Mapping[str, torch.Tensor], *, preprocessing: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``encode_compact``'s tensors, on whatever device they are, as ``encode``'s. Optional: as they are."""
+        return dict(inputs)
+
     @abstractmethod
     def preprocessing(
         self, card: BackboneCard, registry: BackboneRegistry, *, params: Mapping[str, Any]

@@ -21,6 +21,7 @@ from lepton_image import ImageModality
 PREP = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"}
 # The GPU path's data handling, on the CPU: two decoding processes and an in-memory decoded set.
 WORKERS = dataclasses.replace(CPU, workers=2, cache_bytes=2**30)
+COMPACT = dataclasses.replace(WORKERS, compact_transfer=True)  # uint8 pixels from the workers, as on a GPU
 
 
 def test_device_strings_resolve_or_say_what_to_type() -> None:
@@ -74,6 +75,10 @@ def test_worker_processes_decode_the_same_batches_in_the_same_order(image_folder
     idx = order[:7]
     assert torch.equal(decoded.batch(idx)[0], torch.from_numpy(modality.encode([data.examples[i] for i in idx],
                                                                                  preprocessing=PREP)["pixel_values"]))
+    compact = list(encoded_batches(modality, data.examples, PREP, batch_size=5, order=order, accel=COMPACT))
+    assert all(t[0].dtype == torch.uint8 for _, t in compact)
+    for (_, t1), (_, t2) in zip(here, compact):  # a quarter of the bytes, the same inputs once expanded
+        assert torch.allclose(COMPACT.model_inputs(modality, t2, PREP)[0], t1[0], atol=1e-5)
     too_small = dataclasses.replace(WORKERS, cache_bytes=1000)
     assert decode_all(modality, data.examples, PREP, accel=too_small) is None  # decoded per batch instead
 
@@ -102,7 +107,8 @@ def _model() -> ExportModel:
     return ExportModel(TupleOut(trunk), nn.Identity(), nn.Linear(8, 3))
 
 
-def test_fine_tuning_on_decoded_data_in_workers_trains_the_same_weights(image_folder) -> None:
+@pytest.mark.parametrize("accel", [WORKERS, COMPACT], ids=["float32", "compact"])
+def test_fine_tuning_on_decoded_data_in_workers_trains_the_same_weights(image_folder, accel) -> None:
     modality = ImageModality()
     splits = split_data(modality.load(image_folder), seed=0)
     with torch.random.fork_rng():
@@ -112,11 +118,11 @@ def test_fine_tuning_on_decoded_data_in_workers_trains_the_same_weights(image_fo
     second.load_state_dict(first.state_dict())
     cfg = FineTuneConfig(epochs=3, lr=3e-3, batch_size=8, seed=1, freeze_batchnorm=False)
     log1 = fine_tune(first, modality, splits.train, PREP, cfg, validation=splits.validation)
-    log2 = fine_tune(second, modality, splits.train, PREP, cfg, validation=splits.validation, accel=WORKERS)
+    log2 = fine_tune(second, modality, splits.train, PREP, cfg, validation=splits.validation, accel=accel)
     assert log1.curve == log2.curve and log2.micro_batch == 8
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
-    assert evaluate_accuracy(second, modality, splits.validation, PREP, accel=WORKERS) == log2.curve[log2.best_epoch - 1]
+    assert evaluate_accuracy(second, modality, splits.validation, PREP, accel=accel) == log2.curve[log2.best_epoch - 1]
 
 
 def test_a_user_who_asks_for_a_missing_gpu_gets_one_line_from_the_cli(image_folder, tmp_path) -> None:

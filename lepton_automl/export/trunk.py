@@ -74,7 +74,7 @@ def _run_on_gpu(trunk: nn.Module, modality: Modality, examples: Sequence[Any], *
         # Autotuning pays for itself only over many batches of one shape.
         with torch.inference_mode(), precision, accel.kernels(autotune=len(examples) >= 32 * size):
             for idx, tensors in encoded_batches(modality, examples, preprocessing, batch_size=size, accel=accel):
-                chunks.append([o.float() for o in trunk(*accel.inputs(tensors))])
+                chunks.append([o.float() for o in trunk(*accel.model_inputs(modality, tensors, preprocessing))])
                 done += len(idx)
                 if progress is not None:
                     progress(desc, done, len(examples))

@@ -95,6 +95,21 @@ class ModalityTestCase:
             assert np.all(np.isfinite(array))
         assert examples == frozen, "encode must not modify the examples"
 
+    def test_the_compact_form_expands_to_encode(self, case: ModalityCase, data: LabelledData) -> None:
+        """What decoding workers hand to a GPU (``encode_compact``), expanded there, is ``encode``'s."""
+        card = case.registry.get(case.backbone)
+        prep = case.modality.preprocessing(card, case.registry, params=case.modality.default_params(card))
+        examples = data.examples[:3]
+        full = case.modality.encode(examples, preprocessing=prep)
+        compact = case.modality.encode_compact(examples, preprocessing=prep)
+        expanded = case.modality.expand({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in compact.items()},
+                                        preprocessing=prep)
+        assert set(expanded) == set(full)
+        for name, array in full.items():
+            got = expanded[name].numpy()
+            assert got.dtype == array.dtype and got.shape == array.shape, name
+            np.testing.assert_allclose(got, array, rtol=1e-5, atol=1e-5, err_msg=name)
+
     # -- model -----------------------------------------------------------------------------
     @pytest.mark.parametrize("blocks", [0, 1])
     def test_trunk_and_tail_compose_into_features(self, case: ModalityCase, data: LabelledData, blocks: int) -> None:

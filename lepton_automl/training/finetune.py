@@ -124,11 +124,11 @@ def fine_tune(
         if decoded is not None:
             for s in range(0, len(order), size):
                 idx = order[s : s + size]
-                yield idx, accel.inputs(decoded.batch(idx))
+                yield idx, accel.model_inputs(modality, decoded.batch(idx), preprocessing)
         else:
             for idx, tensors in encoded_batches(modality, examples, preprocessing, batch_size=size, accel=accel,
                                                 order=order):
-                yield idx, accel.inputs(tensors)
+                yield idx, accel.model_inputs(modality, tensors, preprocessing)
 
     def recalibrate(order: np.ndarray) -> None:
         recalibrate_batchnorm(model, (inputs for _, inputs in batches(order[: cfg.calibration_examples], 64)))
@@ -285,7 +285,7 @@ def evaluate_accuracy(model: nn.Module, modality: Modality, data: LabelledData,
     on the device the model is on (``decoded``: ``data`` already decoded)."""
     model.eval()
     device, correct = _device_of(model), 0
-    on_device = dataclasses.replace(accel, device=str(device)) if device.type == "cuda" else CPU
+    on_device = dataclasses.replace(accel, device=str(device))  # accel's settings, where the model is
     labels = np.asarray(data.labels)
     if decoded is not None:
         parts: Iterable[tuple[np.ndarray, list[torch.Tensor]]] = (
@@ -294,6 +294,6 @@ def evaluate_accuracy(model: nn.Module, modality: Modality, data: LabelledData,
         parts = encoded_batches(modality, data.examples, preprocessing, batch_size=batch_size, accel=on_device)
     for idx, tensors in parts:
         with on_device.autocast():
-            logits = model(*on_device.inputs(tensors))
+            logits = model(*on_device.model_inputs(modality, tensors, preprocessing))
         correct += int((logits.argmax(1).cpu().numpy() == labels[idx]).sum())
     return correct / max(1, len(data))

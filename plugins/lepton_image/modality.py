@@ -332,20 +332,42 @@ class ImageModality(Modality):
     ) -> dict[str, np.ndarray]:
         size = preprocessing["image_size"]
         size = int(size) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
-        mean = np.asarray(preprocessing["mean"], dtype=np.float32)
-        std = np.asarray(preprocessing["std"], dtype=np.float32)
         # Decoded as uint8 and converted once, in place: (x / 255 - mean) / std as x * a - b. A quarter
         # of the memory traffic of converting each image to float first: a batch of 256 glyphs at
         # 224 px was encoded in half the time on one core.
         pixels = np.stack([load_rgb_uint8(e, size) for e in examples])
         out = np.empty((pixels.shape[0], 3, pixels.shape[1], pixels.shape[2]), dtype=np.float32)
         out[...] = pixels.transpose(0, 3, 1, 2)
-        out *= (1.0 / (255.0 * std))[None, :, None, None]
-        out -= (mean / std)[None, :, None, None]
+        scale, offset = _affine(preprocessing)
+        out *= scale[None, :, None, None]
+        out -= offset[None, :, None, None]
         return {"pixel_values": out}
+
+    def encode_compact(
+        self, examples: Sequence[Any], *, preprocessing: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """uint8 pixels, channels first: a quarter of ``encode``'s bytes to hand from a decoding worker."""
+        size = preprocessing["image_size"]
+        size = int(size) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
+        pixels = np.stack([load_rgb_uint8(e, size) for e in examples])
+        return {"pixel_values": np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))}
+
+    def expand(self, inputs: Mapping[str, torch.Tensor], *, preprocessing: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        pixels = inputs["pixel_values"]
+        if pixels.dtype != torch.uint8:
+            return dict(inputs)
+        scale, offset = (torch.from_numpy(a).to(pixels.device)[None, :, None, None] for a in _affine(preprocessing))
+        return {"pixel_values": pixels.float().mul_(scale).sub_(offset)}
 
     def input_names(self) -> tuple[str, ...]:
         return ("pixel_values",)
+
+
+def _affine(preprocessing: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) per channel: (x / 255 - mean) / std == x * scale - offset."""
+    mean = np.asarray(preprocessing["mean"], dtype=np.float32)
+    std = np.asarray(preprocessing["std"], dtype=np.float32)
+    return (1.0 / (255.0 * std)).astype(np.float32), (mean / std).astype(np.float32)
 
 
 def _probe_dim(trunk: nn.Module) -> int:
