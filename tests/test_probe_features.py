@@ -34,7 +34,7 @@ def _bags(n: int, *, seed: int, vocabulary: int = 2000, classes: int = 3) -> tup
     return x / np.linalg.norm(x, axis=1, keepdims=True), labels
 
 
-def test_a_sparse_block_gets_one_scale_and_a_dense_block_one_per_feature() -> None:
+def test_a_sparse_block_gets_idf_weights_and_one_scale_and_a_dense_block_one_per_feature() -> None:
     rng = np.random.default_rng(0)
     dense = rng.normal(0, 1, size=(500, 40)).astype(np.float32) * rng.uniform(0.1, 50, size=40).astype(np.float32)
     sparse, _ = _bags(500, seed=1)
@@ -45,11 +45,16 @@ def test_a_sparse_block_gets_one_scale_and_a_dense_block_one_per_feature() -> No
     spread = dense.std(0)
     np.testing.assert_allclose(z[:, :40].std(0)[spread >= np.median(spread)], 1.0, rtol=1e-3)
     assert (z[:, :40].std(0) <= 1.0 + 1e-3).all()
-    assert np.unique(scale[40:]).size == 1  # the sparse block as one: rare words are not blown up
+    # the sparse block: each word weighted by its inverse document frequency, then one scale for all
+    idf = np.log((1.0 + len(sparse)) / (1.0 + (sparse != 0).sum(0))) + 1.0
+    np.testing.assert_allclose(scale[40:] * idf, scale[40] * idf[0], rtol=1e-4)
+    # rare words weigh more, by their idf (at most ln(1 + n) + 1), never by 1 / their tiny spread
+    assert 1.0 < scale[40:].max() / scale[40:].min() <= np.log(1.0 + len(sparse)) + 1.0
     weight = float(((z[:, 40:]) ** 2).sum(1).mean())
     assert weight == pytest.approx(min(SPARSE_BLOCK_WEIGHT, sparse.shape[1]), rel=1e-3)
-    # sparsity is found from the data: the block alone, without widths, is scaled as one too
-    assert np.unique(feature_scale(sparse)[1]).size == 1
+    # sparsity is found from the data: the block alone, without widths, is weighted the same way
+    alone = feature_scale(sparse)[1]
+    np.testing.assert_allclose(alone * idf, alone[0] * idf[0], rtol=1e-4)
     with pytest.raises(ValueError, match="cover 40 columns"):
         feature_scale(x, [40])
 

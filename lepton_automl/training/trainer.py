@@ -31,10 +31,12 @@ def feature_scale(x: np.ndarray, blocks: Sequence[int] | None = None) -> tuple[n
 
     Dense blocks: each feature by its own standard deviation, floored at the block's median (dead,
     constant features would otherwise be multiplied by ~1e6, and any change to them, fine-tuning or
-    int8 rounding, would swamp the logits). Sparse blocks: one scale for the whole block, which then
-    weighs as much as ``SPARSE_BLOCK_WEIGHT`` standardised features, as TF-IDF rows are scaled beside
-    dense embeddings. On the man-page set, hashed n-grams alone: cross-validated probe 0.746 -> 0.756,
-    test 0.725 -> 0.774; beside MiniLM, test 0.755 -> 0.772.
+    int8 rounding, would swamp the logits). Sparse blocks (term counts): each column weighted by its
+    inverse document frequency, idf = ln((1 + n) / (1 + df)) + 1 (sklearn's smooth idf), then one scale
+    for the whole block, which then weighs as much as ``SPARSE_BLOCK_WEIGHT`` standardised features, as
+    TF-IDF rows are scaled beside dense embeddings. Hashed n-grams alone on the man-page set: one
+    scale instead of per-column standardisation took the cross-validated probe 0.746 -> 0.756 (test
+    0.725 -> 0.774), and the idf weights 0.756 -> 0.769 (test 0.767 -> 0.797).
     """
     x = np.asarray(x, dtype=np.float32)
     mean, std = x.mean(0), x.std(0)
@@ -44,8 +46,10 @@ def feature_scale(x: np.ndarray, blocks: Sequence[int] | None = None) -> tuple[n
         stop = start + int(width)
         block = x[:, start:stop]
         if float((block == 0).mean()) > SPARSE_ZERO_FRACTION:
-            rms = float(np.sqrt(((block - mean[start:stop]) ** 2).sum(1).mean()))
-            scale[start:stop] = max(rms, 1e-6) / np.sqrt(min(SPARSE_BLOCK_WEIGHT, stop - start))
+            df = (block != 0).sum(0)
+            idf = (np.log((1.0 + len(block)) / (1.0 + df)) + 1.0).astype(np.float32)
+            rms = float(np.sqrt((((block - mean[start:stop]) * idf) ** 2).sum(1).mean()))
+            scale[start:stop] = max(rms, 1e-6) / np.sqrt(min(SPARSE_BLOCK_WEIGHT, stop - start)) / idf
         else:
             scale[start:stop] = np.maximum(std[start:stop], max(float(np.median(std[start:stop])), 1e-6))
         start = stop

@@ -2,8 +2,9 @@
 
 ``hashed-ngrams`` counts the unigrams and bigrams of a text's token ids into ``buckets`` hashed slots,
 takes log(1 + count) and L2-normalises: the lexical signal of TF-IDF with sublinear tf (Salton &
-Buckley, 1988), in a module that exports to ONNX beside a transformer. The idf factor is left to the
-linear probe, whose per-feature standardisation gives rare slots a larger scale. Its errors differ from
+Buckley, 1988), in a module that exports to ONNX beside a transformer. The idf factor is data's, so the
+probe's standardisation applies it (``training.trainer.feature_scale`` weights a sparse block's columns
+by their inverse document frequency in the training data, inside the exported head). Its errors differ from
 a sentence encoder's: on the held-out descriptions, TF-IDF alone scored 0.805 and concatenated with
 MiniLM 0.843, where MiniLM alone scored 0.81-0.83. The card names a tokenizer (its ``weights``), so it
 shares a transformer's inputs and joins it in one concatenated-features ensemble.
