@@ -76,3 +76,39 @@ def test_the_report_renders_in_headless_chromium_without_console_errors(searched
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     # plotly drew its SVG into both plot divs (a script error would leave them empty)
     assert dom.count('class="main-svg"') >= 4
+
+
+def test_optuna_dashboard_reads_the_study_with_its_metric_names_and_attributes(searched) -> None:
+    """The study is readable by optuna-dashboard (its own WSGI app, requests made in-process)."""
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard
+
+    from lepton_automl.search.engine import METRIC_NAMES
+
+    root, outcome = searched
+    app = optuna_dashboard.wsgi(outcome.study._storage)
+
+    def get(path: str) -> tuple[str, bytes]:
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"], _, environ["QUERY_STRING"] = path.partition("?")
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+        return status[0], body
+
+    status, body = get("/api/studies")
+    assert status.startswith("200")
+    summary = next(s for s in json.loads(body)["study_summaries"] if s["study_name"] == outcome.study.study_name)
+    assert {a["key"] for a in summary["user_attrs"]} >= {"modality", "classes", "limits"}
+    status, body = get(f"/api/studies/{summary['study_id']}?after=0")
+    study = json.loads(body)
+    assert status.startswith("200") and study["objective_names"] == METRIC_NAMES
+    assert len(study["trials"]) == len(outcome.study.trials)
+    sortable = {a["key"] for a in study["union_user_attrs"] if a["sortable"]}
+    assert {"test_accuracy", "latency_p90_ms", "size_gz_mb"} <= sortable  # numbers the dashboard can sort by
+    complete = [t for t in study["trials"] if t["state"] == "Complete"]
+    assert complete and all({"config", "test_accuracy"} <= {a["key"] for a in t["user_attrs"]} for t in complete)
+    status, page = get("/dashboard")
+    assert status.startswith("200") and b"<html" in page.lower()
