@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -159,3 +160,46 @@ def test_four_workers_on_one_postgresql_study_run_exactly_the_trials_asked(postg
     assert len({t.user_attrs["worker"] for t in counted}) >= 2
     configs = [str(sorted(t.user_attrs["config"].items())) for t in trials if t.state == TrialState.COMPLETE]
     assert len(configs) == len(set(configs))
+
+
+_SLEEPER = """
+import sys, time
+import optuna
+from lepton_automl.search.workers import make_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="beats", storage=make_storage(sys.argv[1], heartbeat_s=1, grace_s=int(sys.argv[2])))
+study.optimize(lambda trial: time.sleep(600) or trial.suggest_float("x", 0.0, 1.0), n_trials=1)
+"""
+
+
+def test_a_trial_of_a_worker_that_died_elsewhere_fails_after_the_grace_period_and_runs_once_more(tmp_path) -> None:
+    """A worker on another machine (no local process to check) stops beating: its trial stays RUNNING
+    through the grace period, then the next trial any worker starts fails it and runs its parameters again."""
+    from lepton_automl.search.workers import make_storage
+
+    url, grace = f"sqlite:///{tmp_path / 'beats.db'}", 8
+    study = optuna.create_study(study_name="beats", storage=make_storage(url, heartbeat_s=1, grace_s=grace))
+    study.enqueue_trial({"x": 0.25})
+    worker = subprocess.Popen([sys.executable, "-c", _SLEEPER, url, str(grace)])
+    try:
+        deadline = time.time() + 120
+        while not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.5)  # it has beaten
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.wait(timeout=30)
+    killed = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert len(killed) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # within the grace period: still RUNNING
+    assert study.trials[killed[0].number].state == TrialState.RUNNING
+    time.sleep(grace + 2)
+    study.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=1)
+    states = [t.state for t in study.trials]
+    assert states[killed[0].number] == TrialState.FAIL
+    (rerun,) = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert rerun.params == {"x": 0.25}  # the dead worker's configuration, run again
+    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(rerun) == killed[0].number
+    assert TrialState.RUNNING not in states

@@ -35,8 +35,10 @@ WORKER_ATTR = "worker"  # "host:pid" of the process that runs the trial
 SURPLUS_ATTR = "surplus"  # a trial started after the study had its --n-trials; not run, not counted
 
 
-def make_storage(url: str) -> RDBStorage:
-    """``RDBStorage`` for a SQLAlchemy URL, with heartbeats and one retry of a dead worker's trial."""
+def make_storage(url: str, *, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> RDBStorage:
+    """``RDBStorage`` for a SQLAlchemy URL, with heartbeats and one retry of a dead worker's trial: a
+    RUNNING trial whose last heartbeat is older than ``grace_s`` is failed, and queued again once, when
+    any worker next starts a trial."""
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}  # several local workers wait for the lock
@@ -48,8 +50,8 @@ def make_storage(url: str) -> RDBStorage:
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                  grace_period=GRACE_S,
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(heartbeat_s),
+                                  grace_period=int(grace_s),
                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
         except (IntegrityError, OperationalError, ProgrammingError):
             # Workers started together race to create the tables; the loser finds them made.
