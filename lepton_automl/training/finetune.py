@@ -108,14 +108,26 @@ def fine_tune(
     memory is retried in halves with gradient accumulation, so ``cfg.batch_size`` (a hyperparameter)
     never changes; the largest piece that fit is ``FineTuneLog.micro_batch``.
     """
+    home = _device_of(model)
+    accel.prepare(model)
+    try:
+        return _fine_tune(model, modality, data, preprocessing, cfg, validation=validation, after_batch=after_batch,
+                          after_epoch=after_epoch, progress=progress, accel=accel)
+    finally:  # also when a deadline, early stopping or divergence ends training
+        model.to(home, memory_format=torch.contiguous_format)
+
+
+def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any],
+               cfg: FineTuneConfig, *, validation: LabelledData | None,
+               after_batch: Callable[[int], None] | None, after_epoch: Callable[[int, float | None], None] | None,
+               progress: Callable[[str, int, int], None] | None, accel: Accelerator) -> FineTuneLog:
+    """``fine_tune`` on a model already on ``accel``'s device."""
     import time
 
     from transformers import get_scheduler
 
     log = FineTuneLog(micro_batch=cfg.batch_size)
     examples, labels = data.examples, np.asarray(data.labels)
-    home = _device_of(model)
-    accel.prepare(model)
     decoded = decode_all(modality, examples, preprocessing, accel=accel)
     decoded_val = (decode_all(modality, validation.examples, preprocessing, accel=accel)
                    if decoded is not None and validation is not None and len(validation) else None)
@@ -220,7 +232,6 @@ def fine_tune(
     model.eval()
     if validation is None and not cfg.freeze_batchnorm:  # statistics over the whole training set
         recalibrate(np.arange(len(examples)))
-    model.to(home, memory_format=torch.contiguous_format)
     return log
 
 
