@@ -26,8 +26,8 @@ from torch import nn
 
 from lepton_automl.accel import resolve_device
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
-from lepton_automl.compression.pruning import PruneReport, prune_structured
-from lepton_automl.compression.quantization import quantize_onnx
+from lepton_automl.compression.pipeline import compress_model
+from lepton_automl.compression.pruning import PruneReport
 from lepton_automl.cost.latency import measure_onnx_latency
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.exceptions import ConfigError
@@ -300,31 +300,26 @@ class Lepton:
 
     def compress(self, prune: float = 0.0, quant: str = "none", *, recovery_epochs: int = 3,
                  recovery_lr: float = 1e-3) -> CompressionReport:
-        """Prune channels (then a short recovery fine-tune) and/or quantize; measured before and after."""
+        """Prune channels (then a short recovery fine-tune) and/or quantize; measured before and after.
+        The steps are ``lepton compress``'s (``compression.pipeline.compress_model``)."""
         model = self._require_model()
         if quant not in ("none", "int8"):
             raise ConfigError(f"Unknown quant {quant!r}. Use 'none' or 'int8'.")
-        work = Path(self._workdir.name)
+        if prune and self._train is None:
+            raise ConfigError("Pruning needs the training data for recovery: call fit(x, y) first.")
+        work = Path(tempfile.mkdtemp(prefix="compress-", dir=self._workdir.name))
         before = self._measure(self._export(work / "before.onnx"))
-        prune_report = None
-        if prune:
-            if self._train is None:
-                raise ConfigError("Pruning needs the training data for recovery: call fit(x, y) first.")
-            head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-            example = [self._inputs(self._train[0][:1])]
-            prune_report = prune_structured(model, example, amount=prune, ignored=head)
-            # Without recovery the features collapse (logit cosine ~0.05 at 50%); a short fine-tune fixes it.
-            self._train_epochs(epochs=recovery_epochs, batch_size=64, lr=recovery_lr, weight_decay=1e-4)
-        fp32 = self._export(work / "compressed.onnx")
-        runtime = fp32
-        if quant == "int8":
-            calib_x = self._train[0][:64] if self._train else np.zeros((8, *self.input_shape), np.uint8)
-            calibration = [{"pixel_values": self._inputs(calib_x[i : i + 1]).numpy()} for i in range(len(calib_x))]
-            runtime = quantize_onnx(fp32, work / "compressed.int8.onnx", calibration=calibration)
-        self._runtime = runtime if quant != "none" else None
+        # Without training data (a reloaded model), int8 is calibrated on blank images.
+        train = self._labelled(self._train if self._train is not None else
+                               (np.zeros((8, *self.input_shape), np.uint8), np.zeros(8, np.int64)))
+        example = {"pixel_values": self._inputs(np.asarray(train.examples[0])[None]).numpy()}
+        done = compress_model(model, modality=self._modality, preprocessing=self._prep, train=train, example=example,
+                              prune=float(prune), quant=quant, folder=work, recovery_epochs=recovery_epochs,
+                              recovery_lr=recovery_lr, seed=self.seed, accel=self._accel)
+        self._runtime = done.runtime_onnx if quant != "none" else None
         self._compression = {"prune__amount": float(prune), "quant__mode": quant}
-        after = self._measure(runtime)
-        report = CompressionReport(before, after, prune_report, quant)
+        after = self._measure(done.runtime_onnx)
+        report = CompressionReport(before, after, done.pruning, quant)
         logger.info("compression (prune=%s, quant=%s):\n%s", prune, quant, report)
         return report
 

@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 
 from lepton_automl.accel import resolve_device
-from lepton_automl.compression.pruning import count_params, prune_structured, prune_transformer
-from lepton_automl.compression.quantization import quantize_onnx
-from lepton_automl.export.runtime import TORCH_RUNTIMES, to_torch_runtime
-from lepton_automl.compression.recovery import RECOVERY_LR, recover
+from lepton_automl.compression.pipeline import compress_model
+from lepton_automl.compression.pruning import count_params
+from lepton_automl.export.runtime import TORCH_RUNTIMES
 from lepton_automl.cost.latency import (
     LatencyReport,
     TimingPlan,
@@ -35,9 +34,7 @@ from lepton_automl.data.dataset import LabelledData
 from lepton_automl.data.split import split_data
 from lepton_automl.exceptions import ConfigError, DataError
 from lepton_automl.export.artifact import Predictor, card_from_dict, load_metadata, rebuild_model, save_artifact
-from lepton_automl.export.onnx import export_onnx
 from lepton_automl.log import get_logger
-from lepton_automl.training.trainer import fold_standardize
 
 logger = get_logger(__name__)
 
@@ -159,40 +156,25 @@ def compress_export(
     logger.info("source %s: validation accuracy %.4f, %.3f ms", source, before.accuracy, before.latency_ms)
 
     params = dict(meta["params"])
-    if prune > 0.0:
-        if modality.structured_pruning == "channels":
-            fold_standardize(model.head)
-            head = [m for m in model.head.modules() if hasattr(m, "out_features")][-1:]
-            report = prune_structured(model, latency_input, amount=prune, ignored=head)
-        else:
-            report, heads = prune_transformer(model, amount=prune)
+    with tempfile.TemporaryDirectory(prefix="lepton-compress-") as tmp:
+        done = compress_model(model, modality=modality, preprocessing=prep, train=splits.train,
+                              example=latency_input, prune=prune, quant=quant, folder=Path(tmp),
+                              recovery_epochs=recovery_epochs, recovery_lr=recovery_lr, seed=seed, accel=accel)
+        if done.pruning is not None:
+            logger.info("pruned %.0f%%: %.2f -> %.2f M parameters; recovered for %d epochs", 100 * prune,
+                        done.pruning.params_before / 1e6, done.pruning.params_after / 1e6, recovery_epochs)
+        if done.removed_heads:  # indices of the original heads, so that rounds add up
             merged = {k: list(v) for k, v in dict(params.get("prune__heads") or {}).items()}
-            for layer, removed in heads.items():  # indices of the original heads, so rounds add up
+            for layer, removed in done.removed_heads.items():
                 merged[layer] = sorted(set(merged.get(layer, [])) | set(removed))
             params["prune__heads"] = merged
-        logger.info("pruned %.0f%%: %.2f -> %.2f M parameters; recovering for %d epochs", 100 * prune,
-                    report.params_before / 1e6, report.params_after / 1e6, recovery_epochs)
-        recover(model, modality, splits.train, prep, epochs=recovery_epochs, seed=seed,
-                lr=recovery_lr or RECOVERY_LR[modality.structured_pruning], accel=accel)
-    params.update({"compress__prune": prune, "compress__quant": quant})
-
-    with tempfile.TemporaryDirectory(prefix="lepton-compress-") as tmp:
-        work = Path(tmp)
-        fp32 = export_onnx(model, latency_input, work / "model.onnx", input_names=modality.input_names(),
-                           dynamic_axes=modality.dynamic_axes())
-        runtime, runtime_name = fp32, "onnxruntime"
-        if quant.startswith("int8"):
-            calibration = [modality.encode([splits.train.examples[i]], preprocessing=prep) for i in idx]
-            runtime = quantize_onnx(fp32, work / "model.int8.onnx", mode=quant, calibration=calibration)
-        elif quant in TORCH_RUNTIMES:
-            to_torch_runtime(model, quant)  # fails here, not at load time, if the runtime cannot be built
-            runtime_name = quant
+        params.update({"compress__prune": prune, "compress__quant": quant})
         card = card_from_dict(meta["backbone"])
         members = [card_from_dict(c) for c in meta["members"]] if "members" in meta else None
-        save_artifact(out, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=modality, card=card,
-                      members=members, params=params, classes=meta["classes"], preprocessing=prep,
+        save_artifact(out, model=model, fp32_onnx=done.fp32_onnx, runtime_onnx=done.runtime_onnx, modality=modality,
+                      card=card, members=members, params=params, classes=meta["classes"], preprocessing=prep,
                       finetune_blocks=int(meta["finetune_blocks"]), metrics={}, name=meta.get("name", "Lepton model"),
-                      runtime=runtime_name)
+                      runtime=done.runtime)
     after = measure_export(out, splits.validation, latency_input=latency_input, serving_batch=serving_batch,
                            threads=threads, device=accel.device)
     result = CompressResult(before=before, after=after, out=out, prune=prune, quant=quant,

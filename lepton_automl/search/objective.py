@@ -26,13 +26,12 @@ import torch
 
 from lepton_automl.accel import CPU, Accelerator
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
-from lepton_automl.compression.quantization import quantize_onnx
+from lepton_automl.compression.pipeline import export_quantized
 from lepton_automl.cost.hardware import CostModel
 from lepton_automl.cost.measurement import measure_artifact
 from lepton_automl.data.dataset import Splits
 from lepton_automl.exceptions import ConfigError, ExportError
 from lepton_automl.export.artifact import save_artifact
-from lepton_automl.export.onnx import export_onnx
 from lepton_automl.export.trunk import Progress, run_trunk_fast
 from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelParts, TrialResult, build_seeded
 from lepton_automl.log import get_logger
@@ -283,12 +282,9 @@ class TrialRunner:
                 seed: int) -> tuple[Path, Path]:
         trial_dir.mkdir(parents=True, exist_ok=True)
         example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
-        fp32 = export_onnx(model, example, trial_dir / "model.onnx",
-                           input_names=self.modality.input_names(), dynamic_axes=self.modality.dynamic_axes())
-        if config.quant.mode == "none":
-            return fp32, fp32
-        return fp32, quantize_onnx(fp32, trial_dir / "model.int8.onnx", mode=config.quant.mode,
-                                   calibration=self.calibration_feeds(prep, seed))
+        fp32, runtime, _ = export_quantized(model, example=example, modality=self.modality, quant=config.quant.mode,
+                                            folder=trial_dir, calibration=lambda: self.calibration_feeds(prep, seed))
+        return fp32, runtime
 
     # -- 5. scoring -------------------------------------------------------------------------
     def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, cached: CachedArrays,

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lepton_automl.compression.pruning import prune_structured, prune_transformer, prune_unstructured, zero_fraction
+from lepton_automl.compression.pipeline import classifier, prune_structure
+from lepton_automl.compression.pruning import prune_unstructured, zero_fraction
 from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.macs import count_macs
 from lepton_automl.export.trunk import run_trunk_fast
@@ -23,7 +24,7 @@ from lepton_automl.search.early_stopping import StopCheck
 from lepton_automl.search.limits import Deadline
 from lepton_automl.search.scoring import head_accuracy
 from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
-from lepton_automl.training.trainer import fold_standardize, select_probe, tail_features
+from lepton_automl.training.trainer import select_probe, tail_features
 
 if TYPE_CHECKING:
     from lepton_automl.search.objective import TrialRunner
@@ -126,26 +127,20 @@ class TrainingSteps:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
         the parameters a rebuild of the pruned architecture needs."""
         prune = config.prune
-        head = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1:]
-        if prune.method == "structured" and self.modality.structured_pruning == "channels":
-            fold_standardize(model.head)
+        if prune.method == "structured" and (self.modality.structured_pruning == "channels"
+                                              or prune.target == "width"):
             example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
-            prune_structured(model, example, amount=float(prune.amount), ignored=head)
+            _, heads = prune_structure(model, kind=self.modality.structured_pruning, amount=float(prune.amount),
+                                       example=example)
             deadline.check("pruning")
             epochs = epochs_that_fit(int(prune.recovery_epochs), self.epoch_seconds(model, prep), deadline,
                                      what="pruning recovery")
             self.recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
                           latency_input=latency_input)
-        elif prune.method == "structured" and prune.target == "width":
-            _, heads = prune_transformer(model, amount=float(prune.amount))
-            deadline.check("pruning")
-            epochs = epochs_that_fit(int(prune.recovery_epochs), self.epoch_seconds(model, prep), deadline,
-                                     what="pruning recovery")
-            self.recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
-                          latency_input=latency_input)
-            return zero_fraction(model), {"prune__heads": heads}
+            channels = self.modality.structured_pruning == "channels"
+            return zero_fraction(model), ({} if channels else {"prune__heads": heads})
         elif prune.method == "unstructured":
-            prune_unstructured(model, amount=float(prune.amount), ignored=head)
+            prune_unstructured(model, amount=float(prune.amount), ignored=classifier(model))
             zeros = zero_fraction(model)
             # The head was fit to the unpruned features; refit it to the pruned network's. Measured on
             # digits (efficientnet_lite0, 96 px, 50% of weights zeroed): 0.128 validation accuracy
