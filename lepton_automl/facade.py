@@ -14,6 +14,7 @@ latency. A saved facade model is a regular Lepton export: ``lepton predict`` run
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from lepton_automl.accel import resolve_device
 from lepton_automl.backbones import BackboneCard, BackboneRegistry
 from lepton_automl.compression.pipeline import compress_model
 from lepton_automl.compression.pruning import PruneReport
-from lepton_automl.cost.latency import measure_onnx_latency
+from lepton_automl.cost.measurement import Measurement, measure_artifact
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.exceptions import ConfigError
 from lepton_automl.export.artifact import fit_to_state_dict, load_metadata, save_artifact
@@ -42,14 +43,6 @@ from lepton_automl.training.finetune import FineTuneConfig, fine_tune
 from lepton_automl.training.trainer import TrainingDiverged
 
 logger = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Measurement:
-    accuracy: float | None
-    latency_ms: float
-    size_mb: float
-    params_m: float
 
 
 @dataclass(frozen=True)
@@ -286,8 +279,9 @@ class Lepton:
                            dynamic_axes={"pixel_values": {0: "batch"}})
 
     def _measure(self, onnx_path: Path) -> Measurement:
+        """``cost.measurement``'s measurement of the ONNX file, with validation accuracy when there is a split."""
         example = {"pixel_values": self._inputs(np.zeros((1, *self.input_shape), np.uint8)).numpy()}
-        latency = measure_onnx_latency(onnx_path, example)
+        measured = measure_artifact(onnx_path, example, model=self._require_model(), input_names=("pixel_values",))
         accuracy = None
         if self._val is not None and len(self._val[1]):
             previous, self._runtime = self._runtime, onnx_path
@@ -295,8 +289,7 @@ class Lepton:
                 accuracy = self.evaluate(*self._val)[1]
             finally:
                 self._runtime = previous
-        params = sum(p.numel() for p in self._require_model().parameters()) / 1e6
-        return Measurement(accuracy, latency.median_ms, onnx_path.stat().st_size / 2**20, params)
+        return dataclasses.replace(measured, accuracy=accuracy)
 
     def compress(self, prune: float = 0.0, quant: str = "none", *, recovery_epochs: int = 3,
                  recovery_lr: float = 1e-3) -> CompressionReport:

@@ -23,13 +23,7 @@ from lepton_automl.accel import resolve_device
 from lepton_automl.compression.pipeline import compress_model
 from lepton_automl.compression.pruning import count_params
 from lepton_automl.export.runtime import TORCH_RUNTIMES
-from lepton_automl.cost.latency import (
-    LatencyReport,
-    TimingPlan,
-    batch_of,
-    measure_onnx_latency,
-    measure_torch_latency,
-)
+from lepton_automl.cost.measurement import Measurement, measure_artifact
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.data.split import split_data
 from lepton_automl.exceptions import ConfigError, DataError
@@ -42,26 +36,9 @@ QUANT_CHOICES = ("none", "int8", "int8-static", "int8-dynamic", *TORCH_RUNTIMES)
 
 
 @dataclass(frozen=True)
-class Measured:
-    """One export as measured on the validation split and in its runtime."""
-
-    runtime: str
-    accuracy: float
-    latency_ms: float
-    latency_p90_ms: float
-    serving_batch: int
-    latency_serving_batch_ms: float
-    size_mb: float
-    params_m: float
-
-    def row(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
 class CompressResult:
-    before: Measured
-    after: Measured
+    before: Measurement
+    after: Measurement
     out: Path
     prune: float
     quant: str
@@ -87,29 +64,20 @@ def align_classes(data: LabelledData, classes: list[str]) -> LabelledData:
 
 
 def measure_export(directory: Path, data: LabelledData, *, latency_input: Mapping[str, np.ndarray],
-                   serving_batch: int = 32, threads: int | None = None, device: str = "cpu") -> Measured:
+                   serving_batch: int = 32, threads: int | None = None, device: str = "cpu") -> Measurement:
     """Accuracy on ``data``, latency (batch 1 and ``serving_batch``), size and parameters of an export,
     run where ``device`` says (on a GPU, timed with CUDA events)."""
     predictor = Predictor(directory, threads=threads, device=device)
     logits = predictor.logits(list(data.examples))
     accuracy = float((logits.argmax(1) == data.labels).mean())
-    names = predictor.meta["input_names"]
-    quick = TimingPlan(warmup=2, round_runs=5, max_seconds=2.0)
+    onnx = predictor.session is not None
     runtime_file = directory / predictor.meta["runtime_file"]
-
-    def latency(feeds: Mapping[str, np.ndarray], plan: TimingPlan) -> LatencyReport:
-        if predictor.session is not None:
-            return measure_onnx_latency(runtime_file, feeds, threads=threads, plan=plan)
-        model = predictor.torch_model
-        return measure_torch_latency(model, feeds, names, device=model.device, threads=threads, plan=plan)
-
-    b1 = latency(latency_input, TimingPlan())
-    served = latency(batch_of(latency_input, serving_batch), quick)
-    shipped = runtime_file if predictor.session is not None else directory / "model.safetensors"
-    return Measured(runtime=predictor.runtime_used if predictor.session is None else predictor.meta["runtime_file"],
-                    accuracy=accuracy, latency_ms=b1.median_ms, latency_p90_ms=b1.p90_ms,
-                    serving_batch=serving_batch, latency_serving_batch_ms=served.median_ms,
-                    size_mb=shipped.stat().st_size / 2**20, params_m=count_params(rebuild_model(directory)) / 1e6)
+    measured = measure_artifact(runtime_file if onnx else predictor.torch_model, latency_input,
+                                model=rebuild_model(directory), input_names=predictor.meta["input_names"],
+                                threads=threads, serving_batch=serving_batch,
+                                shipped=runtime_file if onnx else directory / "model.safetensors")
+    return dataclasses.replace(measured, accuracy=accuracy,
+                               runtime=predictor.meta["runtime_file"] if onnx else predictor.runtime_used)
 
 
 def compress_export(

@@ -4,40 +4,78 @@ beside latency, never instead of it), file size raw and gzip-compressed, and the
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lepton_automl.cost.hardware import CostModel
-from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency
+from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency, measure_torch_latency
 from lepton_automl.cost.macs import count_macs
 
 
-def measure_artifact(runtime: str | Path, latency_input: Mapping[str, np.ndarray], *, model: Any,
-                     input_names: Sequence[str], cost: CostModel, train_seconds: float,
+@dataclass(frozen=True)
+class Measurement:
+    """What was measured on one shipped model: the search's trials, ``lepton compress`` and the facade's
+    ``compress()`` all report this. ``accuracy`` and ``runtime`` are filled in by callers that score
+    the model (``dataclasses.replace``); ``cost_usd`` when a cost model was given."""
+
+    latency_ms: float  # batch 1, median: what one request waits (the latency objective)
+    latency_p90_ms: float
+    latency_runs: int
+    latency_threads: int
+    latency_device: str
+    serving_batch: int
+    latency_serving_batch_ms: float
+    throughput_per_s: float  # at the serving batch: what prices inference
+    gmacs: float
+    params_m: float
+    size_mb: float  # the runtime file as written
+    size_gz_mb: float  # what --max-size-mb limits
+    cost_usd: float | None = None
+    accuracy: float | None = None  # validation accuracy, where the caller scored the model
+    runtime: str = "onnxruntime"
+
+    def metrics(self) -> dict[str, Any]:
+        """The measured numbers by name (a trial's user attributes): everything but accuracy and runtime."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("accuracy", "runtime")}
+
+
+def measure_artifact(runtime: str | Path | Any, latency_input: Mapping[str, np.ndarray], *, model: Any,
+                     input_names: Sequence[str], cost: CostModel | None = None, train_seconds: float = 0.0,
                      threads: int | None = None, serving_batch: int = 32,
-                     counts: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Measure the ONNX file ``runtime``. ``model`` is its torch twin, for MACs and parameters, or None
-    when ``counts`` gives them (GMACs per example, millions of parameters)."""
-    latency = measure_onnx_latency(runtime, latency_input, threads=threads)
-    served = latency if serving_batch <= 1 else measure_onnx_latency(
-        runtime, batch_of(latency_input, serving_batch), threads=threads,
-        plan=TimingPlan(warmup=2, round_runs=5, max_seconds=2.0))
-    shipped = Path(runtime).read_bytes()
-    return {
-        "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms, "latency_runs": latency.runs,
-        "latency_threads": latency.threads, "latency_device": latency.device,
-        "serving_batch": served.batch_size, "latency_serving_batch_ms": served.median_ms,
-        "throughput_per_s": served.throughput_per_s,
-        "cost_usd": cost.total_usd(train_seconds=train_seconds, latency_ms=1000.0 / served.throughput_per_s),
-        "gmacs": counts[0] if counts else count_macs(model, latency_input, input_names) / 1e9,
-        "params_m": counts[1] if counts else sum(p.numel() for p in model.parameters()) / 1e6,
-        "size_mb": len(shipped) / 2**20,  # the runtime file as written
-        "size_gz_mb": gzip_size(shipped) / 2**20,  # what --max-size-mb limits
-    }
+                     counts: tuple[float, float] | None = None, shipped: str | Path | None = None) -> Measurement:
+    """Measure ``runtime``: an ONNX file (ONNX Runtime) or a ``TorchRuntime`` (torch, CUDA events on a
+    GPU; ``shipped`` then names the file that ships, its safetensors). ``model`` is its torch twin, for
+    MACs and parameters, or None when ``counts`` gives them (GMACs per example, millions of parameters)."""
+    quick = TimingPlan(warmup=2, round_runs=5, max_seconds=2.0)
+    if isinstance(runtime, (str, Path)):
+        def timed(feeds: Mapping[str, np.ndarray], plan: TimingPlan) -> Any:
+            return measure_onnx_latency(runtime, feeds, threads=threads, plan=plan)
+        shipped = shipped or runtime
+    else:
+        def timed(feeds: Mapping[str, np.ndarray], plan: TimingPlan) -> Any:
+            return measure_torch_latency(runtime, feeds, input_names, device=runtime.device, threads=threads, plan=plan)
+        if shipped is None:
+            raise ValueError("a torch runtime ships no file of its own: pass shipped=PATH (its safetensors)")
+    latency = timed(latency_input, TimingPlan())
+    served = latency if serving_batch <= 1 else timed(batch_of(latency_input, serving_batch), quick)
+    data = Path(shipped).read_bytes()
+    return Measurement(
+        latency_ms=latency.median_ms, latency_p90_ms=latency.p90_ms, latency_runs=latency.runs,
+        latency_threads=latency.threads, latency_device=latency.device, serving_batch=served.batch_size,
+        latency_serving_batch_ms=served.median_ms, throughput_per_s=served.throughput_per_s,
+        gmacs=counts[0] if counts else count_macs(model, latency_input, input_names) / 1e9,
+        params_m=counts[1] if counts else sum(p.numel() for p in model.parameters()) / 1e6,
+        size_mb=len(data) / 2**20, size_gz_mb=gzip_size(data) / 2**20,
+        cost_usd=None if cost is None else cost.total_usd(train_seconds=train_seconds,
+                                                          latency_ms=1000.0 / served.throughput_per_s),
+        runtime="onnxruntime" if isinstance(runtime, (str, Path)) else str(getattr(runtime, "kind", "torch")),
+    )
 
 
 GZIP_EXACT_BYTES = 16 * 2**20  # files up to this size are compressed whole

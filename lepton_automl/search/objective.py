@@ -329,7 +329,7 @@ class TrialRunner:
                  train_seconds: float) -> dict[str, Any]:
         return measure_artifact(runtime, latency_input, model=model, input_names=self.modality.input_names(),
                                 cost=self.cost, train_seconds=train_seconds, threads=self.threads,
-                                serving_batch=self.serving_batch)
+                                serving_batch=self.serving_batch).metrics()
 
     # -- what the model card says ------------------------------------------------------------
     def data_card(self) -> dict[str, Any]:

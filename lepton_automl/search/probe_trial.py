@@ -224,7 +224,7 @@ class ProbeTrials:
         try:
             return measure_artifact(composed, r.latency_example(prep, r.seed), model=None,
                                     input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
-                                    threads=r.threads, serving_batch=r.serving_batch, counts=counts)
+                                    threads=r.threads, serving_batch=r.serving_batch, counts=counts).metrics()
         finally:
             composed.unlink()
 
