@@ -130,8 +130,8 @@ def resolve_device(spec: str = "auto", *, workers: int | None = None) -> Acceler
     if not torch.cuda.is_available():
         build = torch.version.cuda
         why = (f"this PyTorch ({torch.__version__}) is a CPU-only build" if build is None
-               else f"this PyTorch was built for CUDA {build} but finds no GPU or driver")
-        raise ConfigError(f"--device {spec} asks for a CUDA GPU, but {why}. Use --device cpu (or auto).")
+               else f"this PyTorch (built for CUDA {build}) finds no GPU or no driver")
+        raise ConfigError(f"--device {spec} asks for a CUDA GPU, and {why}. Use --device cpu (or auto).")
     index = int(text[5:]) if ":" in text else torch.cuda.current_device()
     count = torch.cuda.device_count()
     if index >= count:

@@ -36,7 +36,7 @@ def test_device_strings_resolve_or_say_what_to_type() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_asking_for_a_gpu_without_one_names_the_fix() -> None:
-    with pytest.raises(ConfigError, match=r"--device cuda asks for a CUDA GPU, but .*Use --device cpu"):
+    with pytest.raises(ConfigError, match=r"--device cuda asks for a CUDA GPU, and .*Use --device cpu"):
         resolve_device("cuda")
     with pytest.raises(ConfigError, match="--device cuda:1"):
         resolve_device("cuda:1")

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lepton_automl.accel import DEVICE_HELP
+from lepton_automl.accel import DEVICE_HELP, resolve_device
 from lepton_automl.exceptions import LeptonError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -174,6 +174,7 @@ def search(
         from lepton_automl.search.objective import Limits
 
         quiet_optuna()
+        accel = resolve_device(device)  # a missing GPU is reported before any work starts
         limits = Limits(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_cost_usd=max_cost_usd,
                         max_params_m=max_params, min_accuracy=min_accuracy)
         progress = _RichProgress(total=n_trials)
@@ -187,7 +188,7 @@ def search(
                 serve_profile=serve_hardware, predictions_per_month=predictions_per_month, serving_batch=serving_batch,
                 hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout, class_weights=class_weights,
                 warm_start_from=warm_start_from, early_stopping=EarlyStopping() if early_stopping else None,
-                progress=progress.features, callbacks=[progress.trial_done], worker=worker, device=device,
+                progress=progress.features, callbacks=[progress.trial_done], worker=worker, device=accel,
             )
         for number, reason in outcome.failed:
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)
