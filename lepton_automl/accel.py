@@ -68,12 +68,13 @@ class Accelerator:
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
-    def kernels(self, *, autotune: bool) -> contextlib.AbstractContextManager[Any]:
-        """TF32 convolutions, and with ``autotune`` cuDNN times the algorithms of every convolution for
-        each new input shape and keeps the fastest: worth it for long runs of one shape, not for a
-        few batches (tuning a whole network takes seconds). For this block only: nothing global changes."""
+    def kernels(self, *, autotune: bool, tf32: bool = True) -> contextlib.AbstractContextManager[Any]:
+        """cuDNN settings for this block only (nothing global changes): TF32 convolutions unless ``tf32``
+        is False (outputs that must match an fp32 export), and with ``autotune`` cuDNN times the
+        algorithms of every convolution for each new input shape and keeps the fastest: worth it for
+        long runs of one shape, not for a few batches (tuning a whole network takes seconds)."""
         if self.cuda:
-            return torch.backends.cudnn.flags(enabled=True, benchmark=autotune, deterministic=False, allow_tf32=True)
+            return torch.backends.cudnn.flags(enabled=True, benchmark=autotune, deterministic=False, allow_tf32=tf32)
         return contextlib.nullcontext()
 
     def grad_scaler(self) -> torch.amp.GradScaler:

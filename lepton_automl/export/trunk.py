@@ -45,7 +45,7 @@ def run_trunk(
     mixed_precision: bool = True,
 ) -> tuple[np.ndarray, ...]:
     """Trunk outputs for all ``examples``, concatenated per output. On a GPU, in ``accel``'s mixed
-    precision unless ``mixed_precision`` is False (fp32, with TF32 convolutions)."""
+    precision unless ``mixed_precision`` is False (then fp32 throughout, TF32 convolutions off)."""
     trunk.eval()
     if accel.cuda:
         return _run_on_gpu(trunk, modality, examples, preprocessing=preprocessing, batch_size=batch_size,
@@ -72,7 +72,8 @@ def _run_on_gpu(trunk: nn.Module, modality: Modality, examples: Sequence[Any], *
     def attempt(size: int) -> tuple[np.ndarray, ...]:
         chunks, done = [], 0
         # Autotuning pays for itself only over many batches of one shape.
-        with torch.inference_mode(), precision, accel.kernels(autotune=len(examples) >= 32 * size):
+        with torch.inference_mode(), precision, accel.kernels(autotune=len(examples) >= 32 * size,
+                                                              tf32=mixed_precision):
             for idx, tensors in encoded_batches(modality, examples, preprocessing, batch_size=size, accel=accel):
                 chunks.append([o.float() for o in trunk(*accel.model_inputs(modality, tensors, preprocessing))])
                 done += len(idx)
