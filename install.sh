@@ -8,6 +8,12 @@ PY=${PYTHON:-python3}
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 if [ ! -x .venv/bin/python ]; then
+  # The environment takes about 7 GB (PyTorch's CUDA build): say so now rather than fail inside pip.
+  free_gb=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ -n "$free_gb" ] && [ "$free_gb" -lt 9 ]; then
+    echo "install.sh: only ${free_gb} GB free on this disk; .venv needs about 7 GB and pip's temporary files more. Free some space (or clone elsewhere) and run it again." >&2
+    exit 1
+  fi
   "$PY" -m venv .venv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
