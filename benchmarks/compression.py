@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lepton_automl.backbones import BackboneRegistry
+from lepton_automl.search.probe_export import materialize
 from lepton_automl.compression.compress import compress_export
 from lepton_automl.cost.hardware import CostModel, load_profiles
 from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency, measure_torch_latency
@@ -80,7 +81,8 @@ def run(modality_name: str, data_source: str, base: dict, compressions: dict, tr
                          space=SearchSpace(backbones=(base["backbone"],)), cache=FeatureCache(work / "cache"),
                          cost=CostModel(train=profiles["local-cpu"], serve=profiles["local-cpu"]), run_dir=work)
     runner.evaluate(base, trial_dir=work / "source", seed=0)
-    source = work / "source"
+    # A probe trial writes a recipe (head + its trunk's entry); the export folder is made from it.
+    source = materialize(work / "source", modality=modality, registry=registry)
     prep = Predictor(source).preprocessing
     feeds = runner.latency_example(prep, 0)  # the input every latency of this backbone is taken on
     names = modality.input_names()
@@ -94,7 +96,8 @@ def run(modality_name: str, data_source: str, base: dict, compressions: dict, tr
     for name, extra in trials.items():
         t0 = time.perf_counter()
         runner.evaluate({**base, **extra}, trial_dir=work / name.replace(" ", "_"), seed=0)
-        folders[name] = (work / name.replace(" ", "_"), time.perf_counter() - t0)
+        folders[name] = (materialize(work / name.replace(" ", "_"), modality=modality, registry=registry),
+                         time.perf_counter() - t0)
     inputs = {name: runner.latency_example(Predictor(folder).preprocessing, 0) if name in trials else feeds
               for name, (folder, _) in folders.items()}  # another input size: its encoding of the same example
     # Latency in ROUNDS interleaved rounds over all variants (drift on a shared machine hits them
