@@ -153,10 +153,6 @@ def _total_memory_bytes() -> int:
         return 4 * 2**30
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError)
-
-
 def with_oom_backoff(run: Callable[[int], T], batch_size: int, *, minimum: int = 1,
                      what: str = "the batch") -> tuple[T, int]:
     """``run(batch_size)``, halving ``batch_size`` after each out-of-memory error down to ``minimum``;
