@@ -92,6 +92,36 @@ def build_seeded(modality: Modality, card: BackboneCard, registry: BackboneRegis
 
 
 @dataclass(frozen=True)
+class Structure:
+    """What structured pruning changed in a backbone's architecture, for ``build`` to re-apply to the
+    freshly loaded backbone before cutting it (``Modality.apply_structure``). Only modalities whose
+    ``structured_pruning`` is "layers" have one: ``keep_layers``, the fraction of layers kept (the first
+    ones; depth pruning, decided before features are cached), and ``heads``, the attention heads width
+    pruning removed, per layer index (recorded after training, re-applied when an export is rebuilt)."""
+
+    keep_layers: float = 1.0
+    heads: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], *, kind: str) -> Structure:
+        """Read it from a trial's parameters (``prune__method``, ``prune__target``, ``prune__amount``,
+        ``prune__heads``); ``kind`` is the modality's ``structured_pruning``. The one place that decides
+        what these parameters mean for a backbone's layers."""
+        if kind != "layers":
+            return cls()
+        keep = 1.0
+        if params.get("prune__method") == "structured" and params.get("prune__target", "layers") == "layers":
+            keep = 1.0 - float(params["prune__amount"])
+        heads = tuple(sorted((int(layer), tuple(sorted(int(h) for h in removed)))
+                             for layer, removed in dict(params.get("prune__heads") or {}).items()))
+        return cls(keep_layers=keep, heads=heads)
+
+    def layers_kept(self, total: int) -> int:
+        """Of ``total`` layers, how many ``keep_layers`` keeps (at least one)."""
+        return max(1, int(round(total * self.keep_layers)))
+
+
+@dataclass(frozen=True)
 class InputLimits:
     """What one served input may be: images up to ``max_pixels`` (decompression bombs are refused
     before decoding), texts up to ``max_text_chars`` characters."""
@@ -125,9 +155,10 @@ class Modality(ABC):
     backbone_modality: ClassVar[str | None] = None
     # How structured pruning applies: "channels" (the core prunes conv channels after training,
     # then fine-tunes to recover) or "layers", for transformers: with ``params["prune__target"]``
-    # "layers" (the default), ``build`` keeps the first layers itself, before features are
-    # extracted; with "width" the core removes attention heads and MLP width after training, then
-    # recovers, and ``build`` must re-apply ``params["prune__heads"]`` when an export is rebuilt.
+    # "layers" (the default), the backbone keeps its first layers, before features are extracted;
+    # with "width" the core removes attention heads and MLP width after training, then recovers.
+    # A "layers" modality implements ``drop_layers`` and ``remove_heads``, and its ``build`` calls
+    # ``apply_structure`` on the loaded backbone before cutting it.
     structured_pruning: ClassVar[str] = "channels"
     # AdamW learning rates searched for full fine-tuning (``train__mode="full"``), log scale.
     # Conv nets from a probe, batch norm frozen: 1e-3 diverged on the glyph set (chance after one epoch),
@@ -168,6 +199,30 @@ class Modality(ABC):
         pretrained: bool = True,
     ) -> ModelParts:
         """Load the backbone and cut it so that its last ``finetune_blocks`` blocks are trainable."""
+
+    # -- structured pruning by layers (modalities whose ``structured_pruning`` is "layers") ----
+    def drop_layers(self, backbone: nn.Module, *, keep: int) -> nn.Module:
+        """``backbone`` (as the registry loaded it) with only its first ``keep`` layers."""
+        raise NotImplementedError(f"the {self.name} modality does not drop layers")
+
+    def layer_count(self, backbone: nn.Module) -> int:
+        """How many layers ``drop_layers`` chooses from."""
+        raise NotImplementedError(f"the {self.name} modality does not drop layers")
+
+    def remove_heads(self, backbone: nn.Module, heads: Mapping[int, Sequence[int]]) -> nn.Module:
+        """``backbone`` without the attention heads ``heads`` names (layer index -> original head indices)."""
+        raise NotImplementedError(f"the {self.name} modality does not remove attention heads")
+
+    def apply_structure(self, backbone: nn.Module, params: Mapping[str, Any]) -> nn.Module:
+        """Re-apply the structured pruning ``params`` record (``Structure.from_params``) to a freshly
+        loaded backbone, through the hooks above. ``build`` calls it before cutting; a no-op for
+        "channels" modalities, whose pruning the core applies to built models."""
+        structure = Structure.from_params(params, kind=self.structured_pruning)
+        if structure.keep_layers < 1.0:
+            backbone = self.drop_layers(backbone, keep=structure.layers_kept(self.layer_count(backbone)))
+        if structure.heads:
+            backbone = self.remove_heads(backbone, dict(structure.heads))
+        return backbone
 
     @abstractmethod
     def max_finetune_blocks(self, card: BackboneCard) -> int:

@@ -129,3 +129,15 @@ def test_a_new_features_version_misses_the_feature_cache(image_folder, tmp_path)
     finally:
         del runner.modality.features_version
     assert runner.feature_key(card, prep, config) == before
+
+
+def test_structure_reads_layer_dropping_and_heads_only_for_layer_modalities() -> None:
+    from lepton_automl.interfaces import Structure
+
+    params = {"prune__method": "structured", "prune__amount": 0.5, "prune__heads": {"1": [3, 0]}}
+    assert Structure.from_params(params, kind="channels") == Structure()  # channels are pruned on built models
+    layers = Structure.from_params(params, kind="layers")
+    assert layers.keep_layers == 0.5 and layers.heads == ((1, (0, 3)),)
+    assert [layers.layers_kept(n) for n in (6, 2, 1)] == [3, 1, 1]
+    width = Structure.from_params({**params, "prune__target": "width"}, kind="layers")
+    assert width.keep_layers == 1.0 and width.heads == ((1, (0, 3)),)  # width pruning keeps every layer

@@ -115,7 +115,8 @@ class TrialConfig:
         return int(self.train.blocks) if self.train.mode == "finetune" else 0
 
     def drops_layers(self, structured_pruning: str) -> bool:
-        """Transformer layer dropping: done by the modality's ``build``, before features are cached."""
+        """Transformer layer dropping: ``build`` re-applies it (``Modality.apply_structure`` and the
+        modality's ``drop_layers`` hook), before features are cached."""
         return (structured_pruning == "layers" and self.prune.method == "structured"
                 and self.prune.target == "layers")
 

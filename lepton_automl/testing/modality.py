@@ -126,6 +126,28 @@ class ModalityTestCase:
             feats = parts.tail(*outs)
         assert feats.shape == (2, parts.feature_dim)
 
+    def test_structured_pruning_by_layers_is_re_applied_by_build(self, case: ModalityCase, data: LabelledData) -> None:
+        """A "layers" modality's ``build`` keeps the first layers the parameters say (through its
+        ``drop_layers`` hook) and still cuts into a working trunk; a "channels" modality's backbone is
+        left as loaded by ``apply_structure``."""
+        card = case.registry.get(case.backbone)
+        params = case.modality.default_params(card)
+        dropped_params = {**params, "prune__method": "structured", "prune__target": "layers", "prune__amount": 0.5}
+        if case.modality.structured_pruning != "layers":
+            backbone = torch.nn.Linear(2, 2)
+            assert case.modality.apply_structure(backbone, dropped_params) is backbone
+            return
+        assert case.modality.structured_pruning == "layers"
+        full = case.modality.build(card, case.registry, params=params)
+        dropped = case.modality.build(card, case.registry, params=dropped_params)
+        size = lambda parts: sum(p.numel() for p in parts.trunk.parameters())  # noqa: E731
+        assert size(dropped) < size(full)
+        prep = case.modality.preprocessing(card, case.registry, params=params)
+        encoded = case.modality.encode(data.examples[:2], preprocessing=prep)
+        with torch.no_grad():
+            feats = dropped.tail(*dropped.trunk(*[torch.from_numpy(encoded[n]) for n in case.modality.input_names()]))
+        assert feats.shape == (2, dropped.feature_dim)
+
     def test_exports_to_onnx_and_agrees_with_torch(self, case: ModalityCase, data: LabelledData, tmp_path) -> None:
         from lepton_automl.sessions import ort_session
 

@@ -183,15 +183,7 @@ class TextModality(Modality):
         model.eval()
         if not self.can_fine_tune(card):
             return ModelParts(trunk=model, tail=nn.Identity(), feature_dim=int(model.buckets))
-        if params.get("prune__method") == "structured" and params.get("prune__target", "layers") == "layers":
-            # Keep the first layers: the embeddings and lower layers carry most of what a linear
-            # probe uses, and it gives a single backbone a range of latencies.
-            total = len(model.encoder.layer)
-            keep = max(1, int(round(total * (1.0 - float(params["prune__amount"])))))
-            model.encoder.layer = model.encoder.layer[:keep]
-        if params.get("prune__heads"):  # attention heads removed by `lepton compress`
-            for index, removed in params["prune__heads"].items():
-                model.encoder.layer[int(index)].attention.prune_heads([int(h) for h in removed])
+        model = self.apply_structure(model, params)
         n = len(model.encoder.layer)
         k = max(0, min(finetune_blocks, n))
         dim = int(model.config.hidden_size)
@@ -199,6 +191,21 @@ class TextModality(Modality):
             return ModelParts(trunk=_Trunk(model, n, pooled=True), tail=nn.Identity(),
                               feature_dim=dim * max(1, min(POOLED_LAYERS, n)))
         return ModelParts(trunk=_Trunk(model, n - k, pooled=False), tail=_Tail(model, n - k), feature_dim=dim)
+
+    # Structured pruning by layers (``Modality.apply_structure`` calls these). Keeping the first layers:
+    # the embeddings and lower layers carry most of what a linear probe uses, and it gives a single
+    # backbone a range of latencies.
+    def layer_count(self, backbone: nn.Module) -> int:
+        return len(backbone.encoder.layer)
+
+    def drop_layers(self, backbone: nn.Module, *, keep: int) -> nn.Module:
+        backbone.encoder.layer = backbone.encoder.layer[:keep]
+        return backbone
+
+    def remove_heads(self, backbone: nn.Module, heads: Mapping[int, Sequence[int]]) -> nn.Module:
+        for index, removed in heads.items():  # attention heads removed by width pruning
+            backbone.encoder.layer[int(index)].attention.prune_heads([int(h) for h in removed])
+        return backbone
 
     # -- preprocessing ---------------------------------------------------------------------
     def preprocessing(
