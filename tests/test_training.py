@@ -43,6 +43,22 @@ def test_the_probe_picks_its_strength_by_cross_validation_and_generalises() -> N
     assert abs(test_acc - fit.cv_accuracy) < 0.08
 
 
+@pytest.mark.parametrize("dims", [40, 400])  # 400 features for 150 examples: fit on the examples' span
+def test_out_of_fold_scoring_reproduces_the_cross_validated_accuracy_and_sees_perturbed_features(dims) -> None:
+    x, y = _blobs(150, dims=dims, informative=8, seed=0)
+    fit = select_probe(x, y, 3, seed=0)
+    rows = np.arange(len(y))
+    # every example scored by the fold head that did not see it: exactly the selection's own estimate
+    assert fit.out_of_fold_accuracy(x, y, rows) == pytest.approx(fit.cv_accuracy, abs=1e-9)
+    # a subset (the validation rows of train + validation) is scored by the same heads
+    tail = rows[100:]
+    with torch.no_grad():
+        in_sample = float((fit.head(torch.from_numpy(x[tail])).argmax(1).numpy() == y[tail]).mean())
+    assert fit.out_of_fold_accuracy(x[tail], y[tail], tail) <= in_sample  # the head saw them; the folds did not
+    noisy = x + np.random.default_rng(5).normal(0, 3.0, size=x.shape).astype(np.float32) * x.std(0)
+    assert fit.out_of_fold_accuracy(noisy, y, rows) < fit.cv_accuracy - 0.1  # what perturbed features cost
+
+
 def _model(num_classes: int) -> ExportModel:
     trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -83,6 +83,26 @@ class ProbeFit:
     cv_accuracy: float  # out-of-fold accuracy at the chosen strength
     l2: float
     cv_by_l2: dict[float, float]
+    # The folds' heads at the chosen strength, on standardised features: weights (features, folds,
+    # classes), biases (folds, classes), and each fitted example's fold.
+    fold_weights: torch.Tensor | None = None
+    fold_biases: torch.Tensor | None = None
+    fold_of: np.ndarray | None = None
+
+    @torch.no_grad()
+    def out_of_fold_accuracy(self, features: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> float:
+        """Accuracy on ``features`` of examples the probe was fit on (their indices ``rows`` in the fit's
+        features), each scored by the fold head that did not see it: an unbiased estimate for other
+        features of the same examples, such as a quantized trunk's. The head itself saw them, and its
+        in-sample accuracy drops more than a new example's would (int8 lite0 on glyphs: -8.4 points on
+        validation in-sample, -0.3 on test)."""
+        if self.fold_weights is None or self.fold_biases is None or self.fold_of is None:
+            raise ValueError("this ProbeFit kept no fold heads")
+        z = self.head[0](torch.as_tensor(np.asarray(features, dtype=np.float32)))
+        logits = _fold_logits(z, self.fold_weights, self.fold_biases)  # (examples, folds, classes)
+        folds = torch.as_tensor(self.fold_of[np.asarray(rows)])
+        predicted = logits[torch.arange(len(z)), folds].argmax(1).numpy()
+        return float((predicted == np.asarray(labels)).mean())
 
 
 def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, seed: int,
@@ -124,12 +144,15 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     b = torch.zeros(len(held), num_classes, requires_grad=True)
     by_l2: dict[float, float] = {}
     worse = 0
+    kept = (w.detach().clone(), b.detach().clone())
     for l2 in grid:
         _lbfgs_folds(w, b, z, y, ~held, l2=float(l2), weights=weights)
         with torch.no_grad():
             predicted = _fold_logits(z, w, b).argmax(2).T  # (folds, examples)
             accuracy = int(((predicted == y[None]) & held).sum()) / len(labels)
         worse = worse + 1 if by_l2 and accuracy < max(by_l2.values()) else 0
+        if not by_l2 or accuracy > max(by_l2.values()):  # the best so far (ties keep the stronger one)
+            kept = (w.detach().clone(), b.detach().clone())
         by_l2[float(l2)] = accuracy
         if worse >= patience:
             break
@@ -143,7 +166,12 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
         head[1].weight.copy_(linear.weight if basis is None else linear.weight @ basis.T)
         head[1].bias.copy_(linear.bias)
     head.eval()
-    return ProbeFit(head=head, cv_accuracy=by_l2[best], l2=best, cv_by_l2=by_l2)
+    fold_weights = kept[0] if basis is None else torch.einsum("dr,rfc->dfc", basis, kept[0])
+    # Fold k's head is in row k of ``held`` (folds without examples on either side were left out).
+    fold_index = np.full(folds, -1, dtype=np.int64)
+    fold_index[[k for k in range(folds) if (fold_of == k).any() and (fold_of != k).any()]] = np.arange(len(held))
+    return ProbeFit(head=head, cv_accuracy=by_l2[best], l2=best, cv_by_l2=by_l2, fold_weights=fold_weights,
+                    fold_biases=kept[1], fold_of=fold_index[fold_of])
 
 
 def _zero_linear(features: int, classes: int) -> nn.Linear:
