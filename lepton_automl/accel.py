@@ -241,7 +241,7 @@ def decode_all(modality: Any, examples: Sequence[Any], preprocessing: Mapping[st
     if accel.cache_bytes <= 0 or not len(examples):
         return None
     encode = modality.encode_compact if accel.compact_transfer else modality.encode
-    first = encode(list(examples[: min(batch_size, len(examples))]), preprocessing=preprocessing)
+    first = encode(list(examples[: min(8, len(examples))]), preprocessing=preprocessing)  # for the estimate
     per_example = sum(v.nbytes for v in first.values()) / max(1, len(next(iter(first.values()))))
     if per_example * len(examples) > accel.cache_bytes:
         logger.info("decoded training data (~%.0f MB) is above the in-memory limit; decoding per batch",
@@ -249,17 +249,23 @@ def decode_all(modality: Any, examples: Sequence[Any], preprocessing: Mapping[st
         return None
     chunks = [tensors for _, tensors in encoded_batches(modality, examples, preprocessing,
                                                         batch_size=batch_size, accel=accel)]
-    decoded = DecodedSet(tuple(_pad_cat([c[i] for c in chunks]) for i in range(len(chunks[0]))))
+    decoded = DecodedSet(tuple(concat_padded([c[i] for c in chunks]) for i in range(len(chunks[0]))))
     if accel.cuda and decoded.nbytes < torch.cuda.mem_get_info(torch.device(accel.device))[0] / 4:
         decoded = DecodedSet(tuple(t.to(accel.device) for t in decoded.tensors))
     return decoded
 
 
-def _pad_cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+def concat_padded(parts: Sequence[Any]) -> Any:
+    """Concatenate numpy arrays or torch tensors along the batch axis, zero-padding axis 1 to the
+    longest (token sequences of batches padded to different lengths; a zero attention mask marks the
+    padding, so the model ignores it)."""
     if parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
         width = max(p.shape[1] for p in parts)
-        parts = [nn.functional.pad(p, (0, 0) * (p.ndim - 2) + (0, width - p.shape[1])) for p in parts]
-    return torch.cat(list(parts))
+        if isinstance(parts[0], np.ndarray):
+            parts = [np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts]
+        else:
+            parts = [nn.functional.pad(p, (0, 0) * (p.ndim - 2) + (0, width - p.shape[1])) for p in parts]
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(list(parts))
 
 
 def _trim_padding(rows: list[torch.Tensor]) -> list[torch.Tensor]:

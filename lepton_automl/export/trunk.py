@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lepton_automl.accel import CPU, Accelerator, encoded_batches, with_oom_backoff
+from lepton_automl.accel import CPU, Accelerator, concat_padded, encoded_batches, with_oom_backoff
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.interfaces import Modality
@@ -102,16 +102,8 @@ def _in_batches(call: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
 
 
 def _concat(chunks: Sequence[Sequence[np.ndarray]]) -> tuple[np.ndarray, ...]:
-    """Concatenate per-batch outputs; sequence outputs of different lengths are zero-padded
-    (a zero attention mask marks the padding, so the tail ignores it)."""
-    out = []
-    for i in range(len(chunks[0])):
-        parts = [c[i] for c in chunks]
-        if parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
-            width = max(p.shape[1] for p in parts)
-            parts = [np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts]
-        out.append(np.concatenate(parts))
-    return tuple(out)
+    """Concatenate per-batch outputs, sequence outputs padded to the longest (``concat_padded``)."""
+    return tuple(concat_padded([c[i] for c in chunks]) for i in range(len(chunks[0])))
 
 
 def run_trunk_fast(
