@@ -98,7 +98,7 @@ class ProbeFit:
         validation in-sample, -0.3 on test)."""
         if self.fold_weights is None or self.fold_biases is None or self.fold_of is None:
             raise ValueError("this ProbeFit kept no fold heads")
-        z = self.head[0](torch.as_tensor(np.asarray(features, dtype=np.float32)))
+        z = self.head[0](torch.from_numpy(np.array(features, dtype=np.float32)))  # a copy: cached arrays are read-only
         logits = _fold_logits(z, self.fold_weights, self.fold_biases)  # (examples, folds, classes)
         folds = torch.as_tensor(self.fold_of[np.asarray(rows)])
         predicted = logits[torch.arange(len(z)), folds].argmax(1).numpy()
