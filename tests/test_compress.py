@@ -157,3 +157,31 @@ def test_compress_command_prints_before_and_after(image_export, image_folder, tm
     assert "before" in result.output and "after" in result.output and "validation accuracy" in result.output
     predicted = CliRunner().invoke(app, ["predict", str(tmp_path / "c"), str(next(image_folder.rglob("*.png")))])
     assert predicted.exit_code == 0, predicted.output
+
+
+def test_a_pruned_models_linear_head_is_refit_to_its_features(image_export, image_folder) -> None:
+    from torch import nn
+
+    from lepton_automl.compression.pipeline import prune_structure, refit_head
+    from lepton_automl.interfaces import ExportModel, Standardize, TupleOut
+    from lepton_automl.training.finetune import evaluate_accuracy
+
+    modality = ImageModality()
+    splits = split_data(modality.load(image_folder), seed=0)
+    prep = Predictor(image_export).preprocessing
+    model = rebuild_model(image_export).eval()
+    prune_structure(model, kind="channels", amount=0.5, example=modality.encode(splits.train.examples[:1],
+                                                                                 preprocessing=prep))
+    with torch.no_grad():  # a head that no longer fits its features: every logit 0, class 0 predicted
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.zero_()
+    before = evaluate_accuracy(model, modality, splits.train, prep)
+    assert before == pytest.approx(float((splits.train.labels == 0).mean()))
+    assert refit_head(model, modality=modality, data=splits.train, preprocessing=prep, seed=0)
+    assert isinstance(model.head[0], Standardize) and isinstance(model.head[-1], nn.Linear)
+    after = evaluate_accuracy(model, modality, splits.train, prep)
+    assert after >= 0.8 and after > before + 0.3, (before, after)
+    # a build_fn's own network has no separate linear head: nothing to refit, nothing changed
+    net = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+    user = ExportModel(TupleOut(net), nn.Identity(), nn.Identity())
+    assert not refit_head(user, modality=modality, data=splits.train, preprocessing=prep, seed=0)
