@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from lepton_automl.exceptions import ConfigError, did_you_mean
+from lepton_automl.interfaces import Structure
 
 TRAIN_MODES = ("probe", "finetune", "full")
 PRUNE_METHODS = ("none", "structured", "unstructured")
@@ -117,8 +118,7 @@ class TrialConfig:
     def drops_layers(self, structured_pruning: str) -> bool:
         """Transformer layer dropping: ``build`` re-applies it (``Modality.apply_structure`` and the
         modality's ``drop_layers`` hook), before features are cached."""
-        return (structured_pruning == "layers" and self.prune.method == "structured"
-                and self.prune.target == "layers")
+        return Structure.from_params(self.to_params(), kind=structured_pruning).keep_layers < 1.0
 
     def probe_only(self, structured_pruning: str) -> bool:
         """A linear head on cached features, nothing trained or pruned after it (layer dropping aside)."""
