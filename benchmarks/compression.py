@@ -184,7 +184,7 @@ def main() -> None:
     (OUT / "compression.md").write_text(
         f"# Compression benchmark ({meta['date']}, {meta['machine']})\n\n"
         "Accuracy deltas and speed-ups are against the fp32 source (a linear probe) run eagerly in torch on the "
-        "same input. Validation accuracy here is the held-out split (the search's probe objective is 5-fold CV).\n\n"
+        "same input. Validation accuracy is in-sample for the source and the variants that keep its head (the probe is fit on train + validation), held-out for pruned variants (their head is refit on the training split); compare test accuracy.\n\n"
         + to_markdown(rows) + "\n")
     print(to_markdown(rows))
 
