@@ -137,8 +137,8 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     if basis is not None:
         z = z @ basis
     y = torch.from_numpy(labels)
-    held = torch.from_numpy(np.stack([fold_of == k for k in range(folds)
-                                      if (fold_of == k).any() and (fold_of != k).any()]))
+    used = [k for k in range(folds) if (fold_of == k).any() and (fold_of != k).any()]  # both sides non-empty
+    held = torch.from_numpy(np.stack([fold_of == k for k in used]))
     # Every fold's weights side by side, (features, folds, classes): one pass over z serves them all.
     w = torch.zeros(z.shape[1], len(held), num_classes, requires_grad=True)
     b = torch.zeros(len(held), num_classes, requires_grad=True)
@@ -167,9 +167,8 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
         head[1].bias.copy_(linear.bias)
     head.eval()
     fold_weights = kept[0] if basis is None else torch.einsum("dr,rfc->dfc", basis, kept[0])
-    # Fold k's head is in row k of ``held`` (folds without examples on either side were left out).
-    fold_index = np.full(folds, -1, dtype=np.int64)
-    fold_index[[k for k in range(folds) if (fold_of == k).any() and (fold_of != k).any()]] = np.arange(len(held))
+    fold_index = np.full(folds, -1, dtype=np.int64)  # fold k's head is row fold_index[k] of ``held``
+    fold_index[used] = np.arange(len(used))
     return ProbeFit(head=head, cv_accuracy=by_l2[best], l2=best, cv_by_l2=by_l2, fold_weights=fold_weights,
                     fold_biases=kept[1], fold_of=fold_index[fold_of])
 
