@@ -137,7 +137,6 @@ class ModalityTestCase:
             backbone = torch.nn.Linear(2, 2)
             assert case.modality.apply_structure(backbone, dropped_params) is backbone
             return
-        assert case.modality.structured_pruning == "layers"
         full = case.modality.build(card, case.registry, params=params)
         dropped = case.modality.build(card, case.registry, params=dropped_params)
         size = lambda parts: sum(p.numel() for p in parts.trunk.parameters())  # noqa: E731
