@@ -28,6 +28,8 @@ from lepton_automl.training.trainer import tail_features
 if TYPE_CHECKING:
     from lepton_automl.search.objective import TrialRunner
 
+PROBE_FIT_S = 5.0  # a cross-validated probe fit on a trial's features, at most (measured 1-5 s on 2 cores)
+
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configuration names none
 # Layer-wise learning-rate decay for full fine-tuning (ELECTRA and BEiT use 0.65-0.9).
 FULL_FINETUNE_LAYER_DECAY = 0.8
@@ -132,8 +134,11 @@ class TrainingSteps:
             _, heads = prune_structure(model, kind=self.modality.structured_pruning, amount=float(prune.amount),
                                        example=example)
             deadline.check("pruning")
-            epochs = epochs_that_fit(int(prune.recovery_epochs), self.epoch_seconds(model, prep), deadline,
-                                     what="pruning recovery")
+            per_epoch = self.epoch_seconds(model, prep)
+            # The head refit after recovery is a forward pass over the training split (about a third of
+            # a training step per example) and a probe fit: keep time for it.
+            epochs = epochs_that_fit(int(prune.recovery_epochs), per_epoch, deadline, what="pruning recovery",
+                                     reserve=per_epoch / 3.0 + PROBE_FIT_S)
             self.recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
                           latency_input=latency_input)
             self.refit_head(model, prep, seed=seed, deadline=deadline)
