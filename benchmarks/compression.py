@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from lepton_automl.backbones import BackboneRegistry
-from lepton_automl.search.probe_export import materialize
 from lepton_automl.compression.compress import compress_export
 from lepton_automl.cost.hardware import CostModel, load_profiles
 from lepton_automl.cost.latency import TimingPlan, batch_of, measure_onnx_latency, measure_torch_latency
@@ -37,6 +36,7 @@ from lepton_automl.data.split import split_data
 from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_model
 from lepton_automl.plugins import MODALITIES, PluginRegistry
 from lepton_automl.search.objective import TrialRunner
+from lepton_automl.search.probe_export import materialize
 from lepton_automl.search.space import SearchSpace
 from lepton_automl.training.cache import FeatureCache
 

@@ -249,10 +249,16 @@ def decode_all(modality: Any, examples: Sequence[Any], preprocessing: Mapping[st
         return None
     chunks = [tensors for _, tensors in encoded_batches(modality, examples, preprocessing,
                                                         batch_size=batch_size, accel=accel)]
-    decoded = DecodedSet(tuple(concat_padded([c[i] for c in chunks]) for i in range(len(chunks[0]))))
+    decoded = DecodedSet(concat_batches(chunks))
     if accel.cuda and decoded.nbytes < torch.cuda.mem_get_info(torch.device(accel.device))[0] / 4:
         decoded = DecodedSet(tuple(t.to(accel.device) for t in decoded.tensors))
     return decoded
+
+
+def concat_batches(chunks: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+    """Per-batch tuples of outputs (numpy arrays or torch tensors) joined output by output
+    (``concat_padded``)."""
+    return tuple(concat_padded([c[i] for c in chunks]) for i in range(len(chunks[0])))
 
 
 def concat_padded(parts: Sequence[Any]) -> Any:

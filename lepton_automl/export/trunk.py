@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lepton_automl.accel import CPU, Accelerator, concat_padded, encoded_batches, with_oom_backoff
+from lepton_automl.accel import CPU, Accelerator, concat_batches, encoded_batches, with_oom_backoff
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.interfaces import Modality
@@ -79,7 +79,7 @@ def _run_on_gpu(trunk: nn.Module, modality: Modality, examples: Sequence[Any], *
                 done += len(idx)
                 if progress is not None:
                     progress(desc, done, len(examples))
-        return _concat([[o.cpu().numpy() for o in c] for c in chunks])
+        return concat_batches([[o.cpu().numpy() for o in c] for c in chunks])
 
     try:
         out, fit = with_oom_backoff(attempt, max(batch_size, GPU_BATCH), what=f"feature extraction ({desc}) batch")
@@ -98,12 +98,7 @@ def _in_batches(call: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
         chunks.append(call(modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)))
         if progress is not None:
             progress(desc, min(start + batch_size, len(examples)), len(examples))
-    return _concat(chunks)
-
-
-def _concat(chunks: Sequence[Sequence[np.ndarray]]) -> tuple[np.ndarray, ...]:
-    """Concatenate per-batch outputs, sequence outputs padded to the longest (``concat_padded``)."""
-    return tuple(concat_padded([c[i] for c in chunks]) for i in range(len(chunks[0])))
+    return concat_batches(chunks)
 
 
 def run_trunk_fast(

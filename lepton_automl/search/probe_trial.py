@@ -102,7 +102,7 @@ class ProbeTrials:
         # the validation split: the artifact's features against the fp32 ones, each example scored by
         # the fold head that did not see it (the final head saw them all, and in-sample accuracy
         # overstates what int8 costs: lite0 on glyphs, 8.4 points in-sample, 0.3 on test).
-        rows = len(r.splits.train) + np.arange(len(r.splits.validation))
+        rows = len(r.splits.train) + np.arange(len(r.splits.validation))  # _fit pools train, then validation
         compression_cost = 0.0
         if "validation" in entry.features:
             compression_cost = (fit.out_of_fold_accuracy(cached.arrays["validation"][0], r.splits.validation.labels, rows)
