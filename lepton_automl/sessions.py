@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 
-def ort_session(path: str | Path, *, threads: int | None = None, spinning: bool = False) -> Any:
-    """A CPU ``InferenceSession`` for ``path``; ``threads`` fixes intra-op threads (None: ORT's default)."""
+def ort_session(path: str | Path | bytes, *, threads: int | None = None, spinning: bool = False) -> Any:
+    """A CPU ``InferenceSession`` for ``path`` (or a serialized model's bytes); ``threads`` fixes
+    intra-op threads (None: ORT's default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -20,4 +21,5 @@ def ort_session(path: str | Path, *, threads: int | None = None, spinning: bool 
         options.intra_op_num_threads = int(threads)
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

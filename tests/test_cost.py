@@ -76,3 +76,23 @@ def test_the_gzip_size_is_exact_for_small_files_and_estimated_closely_for_large_
     large = np.concatenate(layers).tobytes()
     assert len(large) > GZIP_EXACT_BYTES
     assert gzip_size(large) == pytest.approx(len(gzip.compress(large, compresslevel=6)), rel=0.01)
+
+
+def test_an_artifact_in_memory_is_measured_like_its_file(tmp_path) -> None:
+    """A trunk entry is measured on the serialized model (nothing written): the same latency protocol,
+    the same sizes as the file that would ship, and the serving batch timed on the same session."""
+    from lepton_automl.cost.measurement import measure_artifact
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3)).eval()
+    feeds = {"x": np.zeros((1, 64), np.float32)}
+    path = export_onnx(net, feeds, tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    counts = (0.0001, 0.02)
+    from_file = measure_artifact(path, feeds, model=None, input_names=("x",), threads=1, serving_batch=8,
+                                 counts=counts)
+    from_bytes = measure_artifact(path.read_bytes(), feeds, model=None, input_names=("x",), threads=1,
+                                  serving_batch=8, counts=counts)
+    for m in (from_file, from_bytes):
+        assert m.runtime == "onnxruntime" and m.serving_batch == 8 and m.latency_runs >= 20
+        assert m.latency_ms > 0 and m.throughput_per_s == pytest.approx(8000.0 / m.latency_serving_batch_ms)
+    assert from_bytes.size_mb == from_file.size_mb == pytest.approx(path.stat().st_size / 2**20)
+    assert from_bytes.size_gz_mb == from_file.size_gz_mb

@@ -77,25 +77,37 @@ def _report(ms: np.ndarray, *, threads: int, batch: int, device: str) -> Latency
                          threads=threads, batch_size=batch, device=device)
 
 
+class OnnxTimer:
+    """One ONNX Runtime session for ``model`` (a file, or the bytes of one), threads spinning and their
+    count pinned, timing ``session.run`` on any feeds: the batch-1 latency and the serving-batch
+    throughput of one artifact come from the same session, built once."""
+
+    def __init__(self, model: str | Path | bytes, *, threads: int | None = None) -> None:
+        from lepton_automl.sessions import ort_session
+
+        self.threads = int(threads or os.cpu_count() or 1)
+        self.session = ort_session(model, threads=self.threads, spinning=True)
+
+    def __call__(self, feeds: Mapping[str, np.ndarray], plan: TimingPlan = TimingPlan()) -> LatencyReport:
+        """Median and p90 latency of one ``session.run`` on ``feeds`` (which fix the batch size)."""
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+
+        def call() -> None:
+            self.session.run(None, feeds)
+
+        ms = time_calls(call, plan)
+        return _report(ms, threads=self.threads, batch=int(next(iter(feeds.values())).shape[0]), device=device_name())
+
+
 def measure_onnx_latency(
-    path: str | Path,
+    path: str | Path | bytes,
     feeds: Mapping[str, np.ndarray],
     *,
     threads: int | None = None,
     plan: TimingPlan = TimingPlan(),
 ) -> LatencyReport:
-    """Median and p90 latency of one ``session.run`` on ``feeds`` (which fix the batch size)."""
-    from lepton_automl.sessions import ort_session
-
-    n_threads = int(threads or os.cpu_count() or 1)
-    session = ort_session(path, threads=n_threads, spinning=True)
-    feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-
-    def call() -> None:
-        session.run(None, feeds)
-
-    ms = time_calls(call, plan)
-    return _report(ms, threads=n_threads, batch=int(next(iter(feeds.values())).shape[0]), device=device_name())
+    """Median and p90 latency of one ``session.run`` of ``path`` on ``feeds`` (which fix the batch size)."""
+    return OnnxTimer(path, threads=threads)(feeds, plan)
 
 
 def measure_torch_latency(

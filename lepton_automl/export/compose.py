@@ -10,6 +10,7 @@ it is a few thousand multiply-adds, and its inputs are the trunk's dequantized f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,20 @@ def append_linear_head(trunk_path: str | Path, dst: str | Path, head: torch.nn.M
     """Write ``dst``: the graph of ``trunk_path`` with ``(features - mean) / std @ weight.T + bias`` as
     its ``logits`` output."""
     import onnx
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(_with_linear_head(trunk_path, head), str(dst))
+    return dst
+
+
+def linear_head_bytes(trunk_path: str | Path, head: torch.nn.Module) -> bytes:
+    """What ``append_linear_head`` would write, serialized in memory (for measuring, nothing written)."""
+    return _with_linear_head(trunk_path, head).SerializeToString()
+
+
+def _with_linear_head(trunk_path: str | Path, head: torch.nn.Module) -> Any:
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(trunk_path))
@@ -64,10 +79,7 @@ def append_linear_head(trunk_path: str | Path, dst: str | Path, head: torch.nn.M
     classes = int(arrays["weight"].shape[0])
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", classes]))
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
-    return dst
+    return model
 
 
 def merge_side_by_side(trunk_paths: list[str | Path], dst: str | Path, *, input_names: list[str]) -> Path:

@@ -28,7 +28,7 @@ from lepton_automl.compression.quantization import quantize_onnx
 from lepton_automl.cost.measurement import measure_artifact
 from lepton_automl.exceptions import ExportError
 from lepton_automl.cost.macs import count_macs
-from lepton_automl.export.compose import TrunkFeatures, append_linear_head, merge_side_by_side
+from lepton_automl.export.compose import TrunkFeatures, linear_head_bytes, merge_side_by_side
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.export.trunk import run_onnx
 from lepton_automl.interfaces import ExportModel, ModelParts, TrialResult, build_seeded
@@ -225,13 +225,9 @@ class ProbeTrials:
                  counts: tuple[float, float]) -> dict[str, Any]:
         """Latency, throughput and size of the trunk with a head of the study's shape appended."""
         r = self.runner
-        composed = append_linear_head(runtime, runtime.with_name("measured.onnx"), head)
-        try:
-            return measure_artifact(composed, r.latency_example(prep, r.seed), model=None,
-                                    input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
-                                    threads=r.threads, serving_batch=r.serving_batch, counts=counts).metrics()
-        finally:
-            composed.unlink()
+        return measure_artifact(linear_head_bytes(runtime, head), r.latency_example(prep, r.seed), model=None,
+                                input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
+                                threads=r.threads, serving_batch=r.serving_batch, counts=counts).metrics()
 
     def _verify(self, path: Path, cached_validation: np.ndarray, prep: Mapping[str, Any]) -> None:
         """The exported trunk must compute the features the probe was fit on, on real inputs."""
