@@ -220,3 +220,44 @@ def test_pip_weights_cannot_point_outside_their_package() -> None:
                             input_size=(3, 224, 224))
         with pytest.raises(ConfigError, match="inside the package"):
             BackboneRegistry(cards=[card]).load(card)
+
+
+def test_a_tokenizer_whose_code_ships_with_it_loads_only_for_a_card_that_says_so(tmp_path, monkeypatch,
+                                                                                  tiny_bert_dir) -> None:
+    """The text plugin passes a card's trust_remote_code on to its tokenizer (through the preprocessing,
+    so a saved model's tokenizer loads the same way), and never for a card that does not say so."""
+    import json
+    import shutil
+
+    from lepton_automl.plugins import MODALITIES, PluginRegistry
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    folder = tmp_path / "remote-tokenizer"
+    shutil.copytree(tiny_bert_dir, folder)
+    (folder / "tiny_tokenization.py").write_text(
+        "from transformers import BertTokenizerFast\n\n"
+        "class TinyTokenizer(BertTokenizerFast):\n"
+        "    marker = 'shipped code ran'\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update({"tokenizer_class": "TinyTokenizer",
+                   "auto_map": {"AutoTokenizer": [None, "tiny_tokenization.TinyTokenizer"]}})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = BackboneCard(name="plain", ref=f"local-dir:{folder}", modality="text", weights="local")
+    marked = dataclasses.replace(plain, name="marked", trust_remote_code=True)
+    registry = BackboneRegistry(cards=[plain, marked], trust_remote_code=True)
+    text = PluginRegistry(MODALITIES).load("text")()
+    params = {"data__max_length": 16}
+
+    refused = text.preprocessing(plain, registry, params=params)
+    assert "trust_remote_code" not in refused
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        text.encode(["alpha beta"], preprocessing=refused)
+    allowed = text.preprocessing(marked, registry, params=params)
+    encoded = text.encode(["alpha beta"], preprocessing=allowed)
+    assert encoded["input_ids"].shape[0] == 1
+    assert type(text._tokenizer(allowed)).marker == "shipped code ran"
+    # a saved model carries its tokenizer, and the flag with it
+    text.save_assets(tmp_path / "model", preprocessing=allowed)
+    reloaded = text.prepare(text.portable(allowed), tmp_path / "model")
+    again = type(text)().encode(["alpha beta"], preprocessing=reloaded)
+    assert np.array_equal(again["input_ids"], encoded["input_ids"])

@@ -112,7 +112,7 @@ class TextModality(Modality):
     features_version = 1  # 1: mean-pooled outputs of the last POOLED_LAYERS layers
 
     def __init__(self) -> None:
-        self._tokenizers: dict[str, Any] = {}
+        self._tokenizers: dict[tuple[str, bool], Any] = {}
 
     # -- ingest ----------------------------------------------------------------------------
     def can_load(self, source: Any) -> bool:
@@ -216,21 +216,26 @@ class TextModality(Modality):
         length = int(params.get("data__max_length") or self.default_params(card)["data__max_length"])
         if card.max_length:
             length = min(length, card.max_length)
-        return {"max_length": length, "tokenizer": transformers_path(card)}
+        prep: dict[str, Any] = {"max_length": length, "tokenizer": transformers_path(card)}
+        if card.trust_remote_code:  # its tokenizer's code ships with it too; the registry checked the user allows it
+            prep["trust_remote_code"] = True
+        return prep
 
-    def _tokenizer(self, where: str) -> Any:
-        if where not in self._tokenizers:
+    def _tokenizer(self, preprocessing: Mapping[str, Any]) -> Any:
+        where, trust = str(preprocessing["tokenizer"]), bool(preprocessing.get("trust_remote_code", False))
+        if (where, trust) not in self._tokenizers:
             from transformers import AutoTokenizer
 
             from lepton_registry import hub_offline
 
-            self._tokenizers[where] = AutoTokenizer.from_pretrained(where, local_files_only=hub_offline())
-        return self._tokenizers[where]
+            self._tokenizers[where, trust] = AutoTokenizer.from_pretrained(
+                where, local_files_only=hub_offline(), trust_remote_code=trust)
+        return self._tokenizers[where, trust]
 
     def encode(
         self, examples: Sequence[Any], *, preprocessing: Mapping[str, Any]
     ) -> dict[str, np.ndarray]:
-        tok = self._tokenizer(str(preprocessing["tokenizer"]))
+        tok = self._tokenizer(preprocessing)
         # Pad to the longest text of the batch, not to max_length: Debian package descriptions are
         # about 10 tokens, and padding them to 128 made MiniLM feature extraction ~10x slower.
         enc = tok(
@@ -287,7 +292,7 @@ class TextModality(Modality):
         return value
 
     def save_assets(self, directory: Any, *, preprocessing: Mapping[str, Any]) -> None:
-        self._tokenizer(str(preprocessing["tokenizer"])).save_pretrained(Path(directory) / "tokenizer")
+        self._tokenizer(preprocessing).save_pretrained(Path(directory) / "tokenizer")
 
     def portable(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
         return {**preprocessing, "tokenizer": "tokenizer"}  # saved beside the model by save_assets
