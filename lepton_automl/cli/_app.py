@@ -194,6 +194,9 @@ def search(
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)
         for number, reason in outcome.stopped:
             err.print(f"[cyan]trial {number} stopped early:[/] {reason}", highlight=False)
+        if outcome.repeats:
+            err.print(f"[cyan]{outcome.repeats} draws repeated a finished configuration[/] (not run, not counted)",
+                      highlight=False)
         if not outcome.front:
             _fail(LeptonError("No feasible trial finished. Run more trials (--n-trials) or relax the --max-* limits."))
         row, why = pick_row(outcome.front, rule=pick)

@@ -32,9 +32,11 @@ from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner
 from lepton_automl.search.probe_export import is_recipe, materialize
+from lepton_automl.search.repeats import is_repeat
 from lepton_automl.search.workers import (
     SURPLUS_ATTR,
     WORKER_ATTR,
+    StopWhenCounted,
     counted_trials,
     fail_dead_local_trials,
     live_workers,
@@ -62,6 +64,7 @@ class SearchOutcome:
     storage: str
     failed: list[tuple[int, str]] = field(default_factory=list)
     stopped: list[tuple[int, str]] = field(default_factory=list)
+    repeats: int = 0  # configurations drawn again, not run (search/repeats.py)
 
 
 def resolve_modality(source: Any, name: str | None, modalities: PluginRegistry | None = None) -> Modality:
@@ -237,8 +240,9 @@ def search(
     else:
         logger.info("study %r: running up to %d trials (%d already finished; worker %d) in %s", study_name,
                     remaining, done, worker, _redact(storage_url) if storage_url else default_storage(run_root))
-        study.optimize(runner, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                       callbacks=list(callbacks), gc_after_trial=True)
+        # No n_trials here: Optuna would count every trial, repeated configurations included.
+        study.optimize(runner, n_trials=None, timeout=timeout, catch=(Exception,),
+                       callbacks=[*callbacks, StopWhenCounted(n_trials)], gc_after_trial=True)
     front = front_rows(study)
     _write_front_exports(front, modality=mod, registry=registry)
     if not keep_all_artifacts:
@@ -246,12 +250,13 @@ def search(
         runner.probes.trunks.remove()  # this worker's: its front probes are written out above
     failed = [(t.number, t.user_attrs.get("fail_reason", "unknown"))
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
     stopped = [(t.number, t.user_attrs.get("early_stop_reason", "pruned"))
-               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
-               if not t.user_attrs.get(SURPLUS_ATTR)]
+               for t in pruned if not t.user_attrs.get(SURPLUS_ATTR) and not is_repeat(t)]
     storage_str = _redact(storage_url) if storage_url else default_storage(run_root)
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
-                         storage=storage_str, failed=failed, stopped=stopped)
+                         storage=storage_str, failed=failed, stopped=stopped,
+                         repeats=sum(1 for t in pruned if is_repeat(t)))
 
 
 def _configs_from_study(name: str, storage: Any, backbones: Sequence[str]) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
 from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeout, usefulness_floor
 from lepton_automl.search.probe_trial import ProbeTrials
+from lepton_automl.search.repeats import skip_repeat
 from lepton_automl.search.training_steps import TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import Scores, concat_features, head_accuracy, onnx_accuracy
@@ -112,8 +113,7 @@ class TrialRunner:
         for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                                     optuna.trial.TrialState.RUNNING)):
             if other.number != trial.number and other.user_attrs.get("config") == config:
-                trial.set_user_attr("early_stop_reason", f"same configuration as trial {other.number}")
-                raise optuna.TrialPruned(f"same configuration as trial {other.number}")
+                skip_repeat(trial, other.number)  # not run, not counted (search/repeats.py)
         ratios = [t.user_attrs["train_cost_ratio"] for t in trial.study.get_trials(deepcopy=False)
                   if t.user_attrs.get("train_cost_ratio")]
         self.train_cost_ratio = float(np.median(ratios)) if ratios else None

@@ -26,6 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from lepton_automl.log import get_logger
+from lepton_automl.search.repeats import is_repeat
 
 logger = get_logger(__name__)
 
@@ -122,14 +123,28 @@ def retried_numbers(study: optuna.Study) -> set[int]:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``--n-trials``: complete, stopped early, or failed and not retried."""
+    """Trials that count towards ``--n-trials``: complete, stopped early, or failed and not retried; not
+    a repeated configuration, which never ran (``search/repeats.py``)."""
     retried = retried_numbers(study)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        if t.user_attrs.get(SURPLUS_ATTR) or (t.state == TrialState.FAIL and t.number in retried):
+        if (t.user_attrs.get(SURPLUS_ATTR) or is_repeat(t)
+                or (t.state == TrialState.FAIL and t.number in retried)):
             continue
         n += 1
     return n
+
+
+class StopWhenCounted:
+    """Optuna callback: stop once the study holds ``n_trials`` counted trials. ``study.optimize``'s own
+    ``n_trials`` would count every trial, repeated configurations included (``search/repeats.py``)."""
+
+    def __init__(self, n_trials: int) -> None:
+        self.n_trials = int(n_trials)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if counted_trials(study) >= self.n_trials:
+            study.stop()
 
 
 def is_surplus(trial: optuna.trial.BaseTrial, n_trials: int | None) -> bool:

@@ -1,0 +1,55 @@
+"""Repeated configurations (search/repeats.py) on real Optuna studies: recorded, not counted, and a
+used-up space ends the study instead of spinning."""
+
+from __future__ import annotations
+
+import optuna
+
+from lepton_automl.search.repeats import MAX_REPEATS_IN_A_ROW, is_repeat, repeats_in_a_row, skip_repeat
+from lepton_automl.search.workers import counted_trials
+
+CHOICES = [f"backbone{i}" for i in range(12)]
+
+
+def _objective(trial: optuna.Trial) -> float:
+    """Like TrialRunner: a configuration that already ran is skipped as a repeat. backbone0 is best."""
+    choice = trial.suggest_categorical("backbone", CHOICES)
+    trial.set_user_attr("config", choice)
+    for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if other.user_attrs.get("config") == choice:
+            skip_repeat(trial, other.number)
+    return float(CHOICES.index(choice))
+
+
+def _study() -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3), direction="minimize")
+
+
+def test_a_repeat_is_recorded_but_not_counted() -> None:
+    study = _study()
+    study.optimize(_objective, n_trials=25)
+    repeats = [t for t in study.trials if is_repeat(t)]
+    assert repeats, "a 12-point space drawn 25 times must repeat"
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in repeats)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert counted_trials(study) == len(complete) == 25 - len(repeats)
+    for t in repeats:  # each names a finished trial with the same configuration
+        assert study.trials[t.user_attrs["repeat_of"]].user_attrs["config"] == t.user_attrs["config"]
+    # the run of repeats at the end, counted back from the last trial
+    tail = 0
+    for t in reversed(study.trials):
+        if not is_repeat(t):
+            break
+        tail += 1
+    assert repeats_in_a_row(study) == tail
+
+
+def test_a_used_up_space_stops_the_study_instead_of_spinning(caplog) -> None:
+    study = _study()
+    with caplog.at_level("WARNING", logger="lepton_automl"):
+        study.optimize(_objective, n_trials=5000)  # as a search with --n-trials far above the space
+    assert counted_trials(study) == len(CHOICES)
+    assert len(study.trials) < 5000
+    assert repeats_in_a_row(study) == MAX_REPEATS_IN_A_ROW
+    assert "search space is used up" in caplog.text
