@@ -262,6 +262,14 @@ class Modality(ABC):
         """Modality parameters for the warm-start trials, best accuracy first (optional hook)."""
         return [self.default_params(card)]
 
+    def equivalent_params(self, card: BackboneCard, registry: BackboneRegistry, params: Mapping[str, Any], *,
+                          examples: Sequence[Any]) -> dict[str, Any]:
+        """``params`` with each data parameter that cannot change anything on ``examples`` set to the
+        least value that gives the same inputs (a tokenizer's ``max_length`` beyond the longest text),
+        so that configurations building the same model on this data are recognised as one (optional
+        hook; by default nothing is equivalent)."""
+        return dict(params)
+
     def can_fine_tune(self, card: BackboneCard) -> bool:
         """False for backbones with nothing to train or prune (fixed feature functions): probes only."""
         return True

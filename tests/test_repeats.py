@@ -53,3 +53,27 @@ def test_a_used_up_space_stops_the_study_instead_of_spinning(caplog) -> None:
     assert len(study.trials) < 5000
     assert repeats_in_a_row(study) == MAX_REPEATS_IN_A_ROW
     assert "search space is used up" in caplog.text
+
+
+def test_max_lengths_beyond_the_longest_text_are_one_configuration(tiny_bert_dir) -> None:
+    """Short texts tokenize the same at 32, 64, 128 or 256 tokens: the text plugin maps each to the
+    least length that holds every text, so the search treats them as one configuration."""
+    from lepton_automl.backbones import BackboneCard, BackboneRegistry
+    from lepton_automl.plugins import MODALITIES, PluginRegistry
+
+    text = PluginRegistry(MODALITIES).load("text")()
+    card = BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local")
+    registry = BackboneRegistry(cards=[card])
+    short = ["match goal team", "recipe oven flour sauce"]  # a handful of tokens each
+    longer = [*short, " ".join(["kernel"] * 50)]  # 52 tokens with [CLS] and [SEP]
+    base = {"backbone": "tiny", "train__mode": "probe"}
+    for length in (32, 64, 128, 256):
+        params = {**base, "data__max_length": length}
+        same = text.equivalent_params(card, registry, params, examples=short)
+        assert same == {**base, "data__max_length": 32}
+        # and the model they stand for encodes the data identically
+        a = text.encode(short, preprocessing=text.preprocessing(card, registry, params=params))
+        b = text.encode(short, preprocessing=text.preprocessing(card, registry, params=same))
+        assert all((a[k] == b[k]).all() for k in a)
+        with_long = text.equivalent_params(card, registry, params, examples=longer)["data__max_length"]
+        assert with_long == (32 if length == 32 else 64)  # 32 truncates the long text: a different model

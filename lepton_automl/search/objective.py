@@ -92,6 +92,7 @@ class TrialRunner:
         # One trunk store per worker process: each removes its own when it finishes, after writing out
         # the front trials that use it, so no worker ever loses a trunk another one still needs.
         self.steps = TrainingSteps(self)
+        self._equivalents: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
         self.probes = ProbeTrials(self, TrunkStore(self.run_dir / "trunks" / worker_identity().replace(":", "-")))
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
@@ -104,7 +105,7 @@ class TrialRunner:
             trial.set_user_attr("early_stop_reason", reason)
             trial.study.stop()
             raise optuna.TrialPruned(reason)
-        params = suggest(trial, self.space, self.modality, self.registry)
+        params = self.equivalent(suggest(trial, self.space, self.modality, self.registry))
         # The configuration that runs (suggest may override what the sampler drew: an ensemble is a
         # probe). A probe picks its own regularisation, so samplers often draw a finished
         # configuration again; it would measure the same numbers, so it is not run twice.
@@ -147,6 +148,19 @@ class TrialRunner:
         for key, value in result.extra.items():
             trial.set_user_attr(key, value)
         return result.values
+
+    def equivalent(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` with its data parameters at the least values that build the same model on this
+        data (``Modality.equivalent_params``), so that the repeat check sees through them."""
+        members = TrialConfig.from_params(params).members
+        data = tuple(sorted((k, v) for k, v in params.items() if k.startswith("data__")))
+        key = (members[0], data)
+        if key not in self._equivalents:
+            examples = [*self.splits.train.examples, *self.splits.validation.examples, *self.splits.test.examples]
+            same = self.modality.equivalent_params(self.registry.get(members[0]), self.registry, params,
+                                                   examples=examples)
+            self._equivalents[key] = {k: v for k, v in same.items() if k.startswith("data__")}
+        return {**params, **self._equivalents[key]}
 
     # -- one configuration, end to end ------------------------------------------------------
     def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int,

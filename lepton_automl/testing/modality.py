@@ -77,6 +77,26 @@ class ModalityTestCase:
         for variant in case.modality.warm_start_variants(card):
             assert all(k.startswith("data__") for k in variant)
 
+    def test_equivalent_parameters_give_the_same_inputs(self, case: ModalityCase, data: LabelledData) -> None:
+        """Parameters the search treats as one configuration on this data (``equivalent_params``) must
+        encode every example of it identically; the parameters it returns are the modality's own."""
+        import optuna
+
+        card = case.registry.get(case.backbone)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(8):
+            params = case.modality.suggest(study.ask(), card)
+            same = case.modality.equivalent_params(card, case.registry, params, examples=data.examples)
+            assert set(same) == set(params)
+            if same == params:
+                continue
+            before = case.modality.encode(data.examples, preprocessing=case.modality.preprocessing(
+                card, case.registry, params=params))
+            after = case.modality.encode(data.examples, preprocessing=case.modality.preprocessing(
+                card, case.registry, params=same))
+            assert set(before) == set(after)
+            assert all(np.array_equal(before[k], after[k]) for k in before), (params, same)
+
     def test_preprocessing_is_json(self, case: ModalityCase) -> None:
         card = case.registry.get(case.backbone)
         prep = case.modality.preprocessing(card, case.registry, params=case.modality.default_params(card))
