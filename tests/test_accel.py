@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lepton_automl.accel import CPU, Accelerator, decode_all, encoded_batches, resolve_device, with_oom_backoff
+from lepton_automl.accel import CPU, decode_all, encoded_batches, resolve_device, with_oom_backoff
 from lepton_automl.data.split import split_data
 from lepton_automl.exceptions import ConfigError
 from lepton_automl.interfaces import ExportModel, TupleOut
