@@ -7,9 +7,9 @@ configurations were used up. A repeat would measure the same numbers, so it is n
 (``TrialRunner`` records it as pruned with ``REPEAT_ATTR``). Two rules keep repeats from eating
 the search:
 
-- a repeat does not count towards ``--n-trials`` (``workers.counted_trials``): a default search of
-  30 trials on a small probe space used to end with half of them repeats, long before its
-  ``--timeout``;
+- a repeat does not count towards ``--n-trials`` (``workers.counted_trials``): 8 of the man-page
+  search's first 30 draws were repeats, and with the default ``--n-trials 30`` each used to count
+  as a trial;
 - ``MAX_REPEATS_IN_A_ROW`` repeats in a row mean the space is used up, and the study stops with a
   message saying so (else a search without ``--timeout`` would never end). A repeat costs
   milliseconds, so the bar is high: the man-page search above had a run of 20 repeats and still
