@@ -133,9 +133,10 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     mean, std = feature_scale(x, blocks)
     z = torch.from_numpy((x - mean) / std)
     del x
-    basis = _row_space(z)
-    if basis is not None:
-        z = z @ basis
+    span = _row_space(z)
+    basis = None
+    if span is not None:
+        basis, z = span
     y = torch.from_numpy(labels)
     used = [k for k in range(folds) if (fold_of == k).any() and (fold_of != k).any()]  # both sides non-empty
     held = torch.from_numpy(np.stack([fold_of == k for k in used]))
@@ -180,16 +181,18 @@ def _zero_linear(features: int, classes: int) -> nn.Linear:
     return linear
 
 
-def _row_space(z: torch.Tensor) -> torch.Tensor | None:
-    """An orthonormal basis (features x examples) of the span of ``z``'s rows, when ``z`` has less than
-    half as many rows as columns; else None. An L2-penalised linear model's weights lie in that span
-    (the representer theorem), and L-BFGS from zero stays in it, so fitting on ``z @ basis`` and mapping
-    the weights back by ``basis.T`` gives the same model on a narrower problem: MiniLM (3 layers) +
-    hashed n-grams on the man-page set, 9,344 features, 1,716 examples."""
+def _row_space(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An orthonormal basis (features x examples) of the span of ``z``'s rows and ``z`` in it
+    (examples x examples), when ``z`` has less than half as many rows as columns; else None. An
+    L2-penalised linear model's weights lie in that span (the representer theorem), and L-BFGS from
+    zero stays in it, so fitting on ``z @ basis`` and mapping the weights back by ``basis.T`` gives the
+    same model on a narrower problem: MiniLM (3 layers) + hashed n-grams on the man-page set, 9,344
+    features, 1,716 examples. With ``z.T = basis @ r`` (QR), ``z @ basis`` is ``r.T``: no product needed
+    (0.4 s of a 2.5 s fit on 8,192 hashed n-grams)."""
     if z.shape[0] * 2 > z.shape[1]:
         return None
-    basis, _ = torch.linalg.qr(z.T)  # reduced: (features, examples)
-    return basis
+    basis, r = torch.linalg.qr(z.T)  # reduced: (features, examples), (examples, examples)
+    return basis, r.T.contiguous()
 
 
 def _fold_logits(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
