@@ -6,6 +6,7 @@ computes them for all-MiniLM-L6-v2 (its ``1_Pooling/config.json`` sets ``pooling
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ class TextModality(Modality):
 
     def __init__(self) -> None:
         self._tokenizers: dict[tuple[str, bool], Any] = {}
+        self._longest_tokens: dict[tuple[str, bool, str], int] = {}
 
     # -- ingest ----------------------------------------------------------------------------
     def can_load(self, source: Any) -> bool:
@@ -164,10 +166,8 @@ class TextModality(Modality):
         out = dict(params)
         if "data__max_length" not in out:
             return out
-        prep = self.preprocessing(card, registry, params=out)
-        encoded = self._tokenizer(prep)([str(e) for e in examples], verbose=False)  # untruncated
-        longest = max((len(ids) for ids in encoded["input_ids"]), default=0)
-        holding = [n for n in MAX_LENGTHS if n >= longest]
+        holding = [n for n in MAX_LENGTHS if n >= self._longest(self.preprocessing(card, registry, params=out),
+                                                                [str(e) for e in examples])]
         if holding and int(out["data__max_length"]) > holding[0]:
             out["data__max_length"] = holding[0]
         return out
@@ -237,6 +237,16 @@ class TextModality(Modality):
         if card.trust_remote_code:  # its tokenizer's code ships with it too; the registry checked the user allows it
             prep["trust_remote_code"] = True
         return prep
+
+    def _longest(self, preprocessing: Mapping[str, Any], texts: list[str]) -> int:
+        """The most tokens any of ``texts`` takes, untruncated; counted once per tokenizer and data (a
+        search asks for every length and backbone, and tokenizing 100k texts takes seconds)."""
+        digest = hashlib.sha1("\0".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+        key = (str(preprocessing["tokenizer"]), bool(preprocessing.get("trust_remote_code", False)), digest)
+        if key not in self._longest_tokens:
+            encoded = self._tokenizer(preprocessing)(texts, verbose=False)
+            self._longest_tokens[key] = max((len(ids) for ids in encoded["input_ids"]), default=0)
+        return self._longest_tokens[key]
 
     def _tokenizer(self, preprocessing: Mapping[str, Any]) -> Any:
         where, trust = str(preprocessing["tokenizer"]), bool(preprocessing.get("trust_remote_code", False))
