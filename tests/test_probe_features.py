@@ -48,6 +48,7 @@ def test_a_sparse_block_gets_idf_weights_and_one_scale_and_a_dense_block_one_per
     # the sparse block: each word weighted by its inverse document frequency, then one scale for all
     idf = np.log((1.0 + len(sparse)) / (1.0 + (sparse != 0).sum(0))) + 1.0
     np.testing.assert_allclose(scale[40:] * idf, scale[40] * idf[0], rtol=1e-4)
+    assert (mean[40:] == 0).all()  # counts are not centred (the bias absorbs it): the block stays sparse
     # rare words weigh more, by their idf (at most ln(1 + n) + 1), never by 1 / their tiny spread
     assert 1.0 < scale[40:].max() / scale[40:].min() <= np.log(1.0 + len(sparse)) + 1.0
     weight = float(((z[:, 40:]) ** 2).sum(1).mean())
@@ -73,6 +74,12 @@ def test_a_probe_on_sparse_counts_beside_noisy_dense_features_generalises() -> N
     # three rare class words among eight common ones per row; chance is 0.33
     assert accuracy >= 0.85
     assert abs(accuracy - fit.cv_accuracy) < 0.08
+    # The dense and sparse parts are fit apart and put back in column order: the fold heads, read in
+    # the features' order through the head's scaling, score every example as the cross-validation did.
+    assert fit.out_of_fold_accuracy(x, y, np.arange(len(y))) == pytest.approx(fit.cv_accuracy, abs=1e-9)
+    # the head fit on everything is that same model at the chosen strength, on all the rows
+    with torch.no_grad():
+        assert float((fit.head(torch.from_numpy(x)).argmax(1).numpy() == y).mean()) >= fit.cv_accuracy
 
 
 def test_the_image_trunk_pools_its_last_stages_beside_the_head() -> None:

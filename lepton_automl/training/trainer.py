@@ -8,8 +8,10 @@ caller: the global torch seed is never touched (deep-river issue 172).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,36 +27,48 @@ SPARSE_BLOCK_WEIGHT = 1536
 SPARSE_ZERO_FRACTION = 0.5  # a block with more exact zeros than this is sparse
 
 
+def sparse_blocks(x: np.ndarray, blocks: Sequence[int] | None = None) -> list[bool]:
+    """Which of the blocks of ``x`` (``blocks``: their widths; one block when None) hold term counts:
+    more exact zeros than ``SPARSE_ZERO_FRACTION``."""
+    widths = list(blocks or (x.shape[1],))
+    if sum(int(w) for w in widths) != x.shape[1]:
+        raise ValueError(f"feature blocks {list(blocks or [])} cover {sum(int(w) for w in widths)} columns, "
+                         f"not {x.shape[1]}")
+    edges = np.cumsum([0, *widths])
+    return [float((x[:, a:b] == 0).mean()) > SPARSE_ZERO_FRACTION for a, b in zip(edges[:-1], edges[1:])]
+
+
 def feature_scale(x: np.ndarray, blocks: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The mean and scale that standardise ``x``, block by block (``blocks``: the widths of the
     concatenated members; one block when None).
 
     Dense blocks: each feature by its own standard deviation, floored at the block's median (dead,
     constant features would otherwise be multiplied by ~1e6, and any change to them, fine-tuning or
-    int8 rounding, would swamp the logits). Sparse blocks (term counts): each column weighted by its
-    inverse document frequency, idf = ln((1 + n) / (1 + df)) + 1 (sklearn's smooth idf), then one scale
-    for the whole block, which then weighs as much as ``SPARSE_BLOCK_WEIGHT`` standardised features, as
-    TF-IDF rows are scaled beside dense embeddings. Hashed n-grams alone on the man-page set: one
-    scale instead of per-column standardisation took the cross-validated probe 0.746 -> 0.756 (test
-    0.725 -> 0.774), and the idf weights 0.756 -> 0.769 (test 0.767 -> 0.797).
+    int8 rounding, would swamp the logits). Sparse blocks (term counts): not centred (their mean is
+    0 here: a linear model's unpenalised bias absorbs any shift, so the fitted function is the same,
+    and the block stays sparse for the fit), each column weighted by its inverse document frequency,
+    idf = ln((1 + n) / (1 + df)) + 1 (sklearn's smooth idf), then one scale for the whole block, which
+    then weighs as much as ``SPARSE_BLOCK_WEIGHT`` standardised features, as TF-IDF rows are scaled
+    beside dense embeddings. Hashed n-grams alone on the man-page set: one scale instead of
+    per-column standardisation took the cross-validated probe 0.746 -> 0.756 (test 0.725 -> 0.774),
+    and the idf weights 0.756 -> 0.769 (test 0.767 -> 0.797).
     """
     x = np.asarray(x, dtype=np.float32)
     mean, std = x.mean(0), x.std(0)
     scale = np.empty_like(std)
     start = 0
-    for width in (blocks or (x.shape[1],)):
+    for width, sparse in zip(blocks or (x.shape[1],), sparse_blocks(x, blocks)):
         stop = start + int(width)
         block = x[:, start:stop]
-        if float((block == 0).mean()) > SPARSE_ZERO_FRACTION:
+        if sparse:
             df = (block != 0).sum(0)
             idf = (np.log((1.0 + len(block)) / (1.0 + df)) + 1.0).astype(np.float32)
-            rms = float(np.sqrt((((block - mean[start:stop]) * idf) ** 2).sum(1).mean()))
+            rms = float(np.sqrt(((block * idf) ** 2).sum(1).mean()))
             scale[start:stop] = max(rms, 1e-6) / np.sqrt(min(SPARSE_BLOCK_WEIGHT, stop - start)) / idf
+            mean[start:stop] = 0.0
         else:
             scale[start:stop] = np.maximum(std[start:stop], max(float(np.median(std[start:stop])), 1e-6))
         start = stop
-    if start != x.shape[1]:
-        raise ValueError(f"feature blocks {list(blocks or [])} cover {start} columns, not {x.shape[1]}")
     return mean, scale
 
 
@@ -115,9 +129,9 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     iterations chose the same strengths, within 0.5 points of test accuracy, at 4x the time). The path
     stops once ``patience`` strengths in a row fall short of the best so far (the weakest strengths,
     the slowest to fit, are often not needed). Ties go to the stronger regularisation. ``blocks``: the
-    widths of concatenated feature blocks, each scaled on its own (``feature_scale``). With fewer
-    examples than half the features, the fits run on the examples' span (``_row_space``): MiniLM's
-    three layers + hashed n-grams, 9,344 features x 1,716 man pages, took 18 s and takes 3.4-5.6 s.
+    widths of concatenated feature blocks, each scaled on its own (``feature_scale``). The fits run on
+    ``_Design``: sparse blocks stay sparse, and dense blocks with fewer examples than half their
+    features run on the examples' span.
     """
     x = np.array(features, dtype=np.float32)  # copies: cached arrays are read-only memory maps
     labels = np.array(labels, dtype=np.int64)
@@ -129,56 +143,119 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
         fold_of[idx] = (np.arange(len(idx)) + int(rng.integers(folds))) % folds
     weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
     # Standardised once, with the statistics of all the examples: a held-out fold's features move the
-    # scale a little, its labels never reach a fit. Then narrowed to the examples' span if smaller.
+    # scale a little, its labels never reach a fit.
     mean, std = feature_scale(x, blocks)
-    z = torch.from_numpy((x - mean) / std)
+    sparse = np.repeat(sparse_blocks(x, blocks), [int(w) for w in (blocks or (x.shape[1],))])
+    x -= mean
+    x /= std
+    design = _Design(x, sparse)
     del x
-    span = _row_space(z)
-    basis = None
-    if span is not None:
-        basis, z = span
     y = torch.from_numpy(labels)
     used = [k for k in range(folds) if (fold_of == k).any() and (fold_of != k).any()]  # both sides non-empty
     held = torch.from_numpy(np.stack([fold_of == k for k in used]))
-    # Every fold's weights side by side, (features, folds, classes): one pass over z serves them all.
-    w = torch.zeros(z.shape[1], len(held), num_classes, requires_grad=True)
+    # Every fold's weights side by side, (width, folds, classes) per part: one pass over z serves them all.
+    w = design.zeros(len(held), num_classes)
     b = torch.zeros(len(held), num_classes, requires_grad=True)
     by_l2: dict[float, float] = {}
     worse = 0
-    kept = (w.detach().clone(), b.detach().clone())
+    kept = ([p.detach().clone() for p in w], b.detach().clone())
     for l2 in grid:
-        _lbfgs_folds(w, b, z, y, ~held, l2=float(l2), weights=weights)
+        _lbfgs_folds(w, b, design, y, ~held, l2=float(l2), weights=weights)
         with torch.no_grad():
-            predicted = _fold_logits(z, w, b).argmax(2).T  # (folds, examples)
+            predicted = design.logits(w, b).argmax(2).T  # (folds, examples)
             accuracy = int(((predicted == y[None]) & held).sum()) / len(labels)
         worse = worse + 1 if by_l2 and accuracy < max(by_l2.values()) else 0
         if not by_l2 or accuracy > max(by_l2.values()):  # the best so far (ties keep the stronger one)
-            kept = (w.detach().clone(), b.detach().clone())
+            kept = ([p.detach().clone() for p in w], b.detach().clone())
         by_l2[float(l2)] = accuracy
         if worse >= patience:
             break
     best = max(by_l2, key=lambda l2: (round(by_l2[l2], 9), l2))
-    linear = _zero_linear(z.shape[1], num_classes)
-    for l2 in [g for g in grid if g >= best]:  # the same path up to the chosen strength
-        _lbfgs(linear, z, y, l2=float(l2), weights=weights)
+    whole, whole_bias = design.zeros(1, num_classes), torch.zeros(1, num_classes, requires_grad=True)
+    everything = torch.ones(1, len(labels), dtype=torch.bool)
+    for l2 in [g for g in grid if g >= best]:  # the same path up to the chosen strength, on every example
+        _lbfgs_folds(whole, whole_bias, design, y, everything, l2=float(l2), weights=weights)
     head = nn.Sequential(Standardize(torch.from_numpy(mean), torch.from_numpy(std)),
                          nn.Linear(len(mean), num_classes))
     with torch.no_grad():
-        head[1].weight.copy_(linear.weight if basis is None else linear.weight @ basis.T)
-        head[1].bias.copy_(linear.bias)
+        head[1].weight.copy_(design.feature_weights(whole)[:, 0].T)
+        head[1].bias.copy_(whole_bias[0])
     head.eval()
-    fold_weights = kept[0] if basis is None else torch.einsum("dr,rfc->dfc", basis, kept[0])
     fold_index = np.full(folds, -1, dtype=np.int64)  # fold k's head is row fold_index[k] of ``held``
     fold_index[used] = np.arange(len(used))
-    return ProbeFit(head=head, cv_accuracy=by_l2[best], l2=best, cv_by_l2=by_l2, fold_weights=fold_weights,
-                    fold_biases=kept[1], fold_of=fold_index[fold_of])
+    return ProbeFit(head=head, cv_accuracy=by_l2[best], l2=best, cv_by_l2=by_l2,
+                    fold_weights=design.feature_weights(kept[0]), fold_biases=kept[1], fold_of=fold_index[fold_of])
 
 
-def _zero_linear(features: int, classes: int) -> nn.Linear:
-    linear = nn.Linear(features, classes)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    return linear
+class _SparseProduct(torch.autograd.Function):
+    """``s @ w`` for a constant sparse ``s``; the gradient through its stored transpose."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, s: torch.Tensor, s_t: torch.Tensor) -> torch.Tensor:
+        ctx.s_t = s_t
+        return s @ w
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.s_t @ grad, None, None
+
+
+class _Design:
+    """The standardised features a probe is fit on, in up to two parts with their own weights.
+
+    Dense columns: as they are, or, with fewer examples than half of them, on the examples' span
+    (``_row_space``). Sparse columns (term counts, never centred): a CSR matrix. Hashed n-grams of
+    man-page summaries hold about 20 non-zeros in 8,192 columns: on a dense (examples x examples)
+    span the whole selection took 2.0 s, on the sparse matrix 1.0 s. The weights on the sparse part
+    are its columns' own; on the span they map back by its orthonormal basis, which keeps their norm,
+    so the L2 penalty is the same on every part."""
+
+    def __init__(self, z: np.ndarray, sparse: np.ndarray) -> None:
+        self.features = z.shape[1]
+        self.columns: list[np.ndarray] = []
+        self.parts: list[tuple[torch.Tensor, ...]] = []  # (matrix,) dense; (basis, matrix) span; (csr, csr.T)
+        self.kinds: list[str] = []
+        dense, counts = np.flatnonzero(~sparse), np.flatnonzero(sparse)
+        if len(dense):
+            block = torch.from_numpy(np.ascontiguousarray(z[:, dense]))
+            span = _row_space(block)
+            self.parts.append(span if span is not None else (block,))
+            self.kinds.append("span" if span is not None else "dense")
+            self.columns.append(dense)
+        if len(counts):
+            block = torch.from_numpy(np.ascontiguousarray(z[:, counts]))
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": products are all it needs
+                warnings.simplefilter("ignore", UserWarning)
+                self.parts.append((block.to_sparse_csr(), block.T.contiguous().to_sparse_csr()))
+            self.kinds.append("sparse")
+            self.columns.append(counts)
+
+    def zeros(self, folds: int, classes: int) -> list[torch.Tensor]:
+        """Each part's weights, (folds, classes, width), at zero and requiring gradients. Laid out as
+        ``nn.Linear`` lays them: with the width last, one fold's backward pass took a third of the
+        time of (width, classes) weights (2,304 MiniLM features, 7 classes)."""
+        return [torch.zeros(folds, classes, part[0].shape[1] if kind == "sparse" else part[-1].shape[1],
+                            requires_grad=True) for part, kind in zip(self.parts, self.kinds)]
+
+    def logits(self, w: Sequence[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+        """(examples, folds, classes): every fold's logits."""
+        out: torch.Tensor | None = None
+        for part, kind, weights in zip(self.parts, self.kinds, w):
+            flat = weights.reshape(-1, weights.shape[-1])  # (folds x classes, width)
+            product = (_SparseProduct.apply(flat.T.contiguous(), *part) if kind == "sparse"
+                       else nn.functional.linear(part[-1], flat))
+            out = product if out is None else out + product
+        assert out is not None
+        return out.view(out.shape[0], *b.shape) + b
+
+    def feature_weights(self, w: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The parts' weights as one (features, folds, classes) tensor, in the features' column order."""
+        full = torch.zeros(self.features, *w[0].shape[:2])
+        with torch.no_grad():
+            for part, kind, columns, weights in zip(self.parts, self.kinds, self.columns, w):
+                index = torch.from_numpy(columns)
+                full[index] = torch.einsum("dr,fcr->dfc", part[0], weights) if kind == "span" else weights.permute(2, 0, 1)
+        return full
 
 
 def _row_space(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -186,9 +263,8 @@ def _row_space(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     (examples x examples), when ``z`` has less than half as many rows as columns; else None. An
     L2-penalised linear model's weights lie in that span (the representer theorem), and L-BFGS from
     zero stays in it, so fitting on ``z @ basis`` and mapping the weights back by ``basis.T`` gives the
-    same model on a narrower problem: MiniLM (3 layers) + hashed n-grams on the man-page set, 9,344
-    features, 1,716 examples. With ``z.T = basis @ r`` (QR), ``z @ basis`` is ``r.T``: no product needed
-    (0.4 s of a 2.5 s fit on 8,192 hashed n-grams)."""
+    same model on a narrower problem. With ``z.T = basis @ r`` (QR), ``z @ basis`` is ``r.T``: no
+    product needed."""
     if z.shape[0] * 2 > z.shape[1]:
         return None
     basis, r = torch.linalg.qr(z.T)  # reduced: (features, examples), (examples, examples)
@@ -201,13 +277,13 @@ def _fold_logits(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return (z @ w.view(d, folds * classes)).view(len(z), folds, classes) + b
 
 
-def _lbfgs_folds(w: torch.Tensor, b: torch.Tensor, z: torch.Tensor, y: torch.Tensor, trains: torch.Tensor, *,
-                 l2: float, weights: torch.Tensor | None, iters: int = 25) -> None:
+def _lbfgs_folds(w: Sequence[torch.Tensor], b: torch.Tensor, design: _Design, y: torch.Tensor,
+                 trains: torch.Tensor, *, l2: float, weights: torch.Tensor | None, iters: int = 25) -> None:
     """Fit the cross-validation folds' probes at once: the sum of their objectives (each the mean
     weighted cross-entropy over its training rows, ``trains[f]``, + l2/2 ||W_f||^2) separates, so its
     minimum is every fold's own. The thin products of one fold at a time were bound by reading ``z``:
     the folds together take half the time (1.3-2x over the whole selection)."""
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+    opt = torch.optim.LBFGS([*w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-6)
     folds, n = trains.shape
     rows = trains.float() if weights is None else trains.float() * weights[y][None, :]
@@ -216,24 +292,9 @@ def _lbfgs_folds(w: torch.Tensor, b: torch.Tensor, z: torch.Tensor, y: torch.Ten
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        logits = _fold_logits(z, w, b).permute(1, 0, 2).reshape(folds * n, -1)
+        logits = design.logits(w, b).permute(1, 0, 2).reshape(folds * n, -1)
         ce = nn.functional.cross_entropy(logits, targets, reduction="none").view(folds, n)
-        loss = (ce * rows).sum() + 0.5 * l2 * w.pow(2).sum()
-        _check(loss)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-
-
-def _lbfgs(linear: nn.Linear, z: torch.Tensor, y: torch.Tensor, *, l2: float, weights: torch.Tensor | None,
-           iters: int = 25) -> None:
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=iters, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(linear(z), y, weight=weights) + 0.5 * l2 * linear.weight.pow(2).sum()
+        loss = (ce * rows).sum() + 0.5 * l2 * sum(p.pow(2).sum() for p in w)
         _check(loss)
         loss.backward()
         return loss
