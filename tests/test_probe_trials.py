@@ -83,6 +83,27 @@ def test_the_written_model_computes_what_the_trial_scored(probed, tmp_path, name
     assert materialize(trial) == trial  # a written folder is left as it is
 
 
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_a_trunk_that_does_not_compute_the_cached_features_is_refused(probed, image_folder, tmp_path, quant) -> None:
+    """Cached validation features that the exported trunk does not reproduce (here: scaled by 1.1) stop
+    the trial before anything is measured or stored: fp32 through the logits of the very model that is
+    timed, int8 through its fp32 export, before quantization."""
+    runner, root, _ = probed
+    shutil.copytree(runner.cache.root, tmp_path / "cache")
+    for path in (tmp_path / "cache").glob("*/validation_0.npy"):
+        np.save(path, np.load(path) * 1.1)
+    modality = ImageModality()
+    fresh = _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path, "efficientnet_lite0")
+    with pytest.raises(ExportError, match="differ from the cached ones"):
+        fresh.evaluate({**BASE, "quant__mode": quant}, trial_dir=tmp_path / "trial", seed=0)
+    assert not list(fresh.probes.trunks.root.glob("*/entry.json"))  # no entry stored
+    # untouched features pass the same check, in a trunk store of their own
+    shutil.copytree(runner.cache.root, tmp_path / "good" / "cache")
+    ok = _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path / "good", "efficientnet_lite0")
+    assert ok.evaluate({**BASE, "quant__mode": quant}, trial_dir=tmp_path / "ok", seed=0).extra["cache_hit"]
+    assert len(list(ok.probes.trunks.root.glob("*/entry.json"))) == 1
+
+
 def test_a_recipe_whose_trunk_is_gone_says_how_to_recreate_it(probed, tmp_path) -> None:
     _, root, _ = probed
     trial = tmp_path / "orphan"

@@ -86,7 +86,12 @@ class OnnxTimer:
         from lepton_automl.sessions import ort_session
 
         self.threads = int(threads or os.cpu_count() or 1)
+        self.model = model
         self.session = ort_session(model, threads=self.threads, spinning=True)
+
+    def model_bytes(self) -> bytes:
+        """The timed model as serialized (what would be shipped)."""
+        return self.model if isinstance(self.model, bytes) else Path(self.model).read_bytes()
 
     def __call__(self, feeds: Mapping[str, np.ndarray], plan: TimingPlan = TimingPlan()) -> LatencyReport:
         """Median and p90 latency of one ``session.run`` on ``feeds`` (which fix the batch size)."""

@@ -25,6 +25,7 @@ import torch
 
 from lepton_automl.backbones import BackboneCard
 from lepton_automl.compression.quantization import quantize_onnx
+from lepton_automl.cost.latency import OnnxTimer
 from lepton_automl.cost.measurement import measure_artifact
 from lepton_automl.exceptions import ExportError
 from lepton_automl.cost.macs import count_macs
@@ -38,6 +39,7 @@ from lepton_automl.search.limits import Deadline, StageClock
 from lepton_automl.search.probe_export import write_recipe
 from lepton_automl.search.scoring import concat_features, head_accuracy
 from lepton_automl.search.trunks import TrunkEntry, TrunkStore
+from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, cache_key
 from lepton_automl.training.trainer import ProbeFit, make_head, select_probe
 
@@ -187,33 +189,37 @@ class ProbeTrials:
             fp32 = export_onnx(TrunkFeatures(module), example, folder / "trunk.onnx",
                                input_names=r.modality.input_names(), dynamic_axes=r.modality.dynamic_axes(),
                                output_names=("features",))
-            self._verify(fp32, cached_validation, prep)
             model = ExportModel(module, torch.nn.Identity(), head)
             gmacs = count_macs(model, r.latency_example(prep, r.seed), r.modality.input_names()) / 1e9 - _head_gmacs(head)
             params_m = sum(p.numel() for p in module.parameters()) / 1e6
         runtime, features = fp32, {}
         if quant != "none":
+            if twin is None:  # a twin's fp32 file was checked with it
+                self._verify(ort_session(fp32), cached_validation, prep)
             runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=quant,
                                     calibration=r.calibration_feeds(prep, r.seed))
             features = self._run_splits(runtime, prep)
-        return runtime.name, quant, features, {**self._measure(runtime, prep, head, (gmacs + _head_gmacs(head),
-                                                                                     params_m + _head_params_m(head))),
+        counts = (gmacs + _head_gmacs(head), params_m + _head_params_m(head))
+        check = cached_validation if twin is None and quant == "none" else None  # fp32: checked as measured
+        return runtime.name, quant, features, {**self._measure(runtime, prep, head, counts, check=check),
                                                "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _merge_trunks(self, folder: Path, parts: list[TrunkEntry], quant: str, prep: Mapping[str, Any],
                       cached_validation: np.ndarray, head: torch.nn.Sequential) -> _Made:
         names = list(self.runner.modality.input_names())
         fp32 = merge_side_by_side([p.fp32 for p in parts], folder / "trunk.onnx", input_names=names)
-        self._verify(fp32, cached_validation, prep)
         runtime, features = fp32, {}
         if quant != "none":
+            # The fp32 merge ships beside it, its members each checked; the int8 merge is what is measured.
+            self._verify(ort_session(fp32), cached_validation, prep)
             runtime = merge_side_by_side([p.runtime for p in parts], folder / "trunk.int8.onnx", input_names=names)
             features = {split: np.concatenate([p.features[split] for p in parts], axis=1)
                         for split in ("validation", "test")}
         gmacs = sum(float(p.measured["trunk_gmacs"]) for p in parts)
         params_m = sum(float(p.measured["trunk_params_m"]) for p in parts)
-        return runtime.name, quant, features, {**self._measure(runtime, prep, head, (gmacs + _head_gmacs(head),
-                                                                                     params_m + _head_params_m(head))),
+        counts = (gmacs + _head_gmacs(head), params_m + _head_params_m(head))
+        check = cached_validation if quant == "none" else None
+        return runtime.name, quant, features, {**self._measure(runtime, prep, head, counts, check=check),
                                                "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _run_splits(self, path: Path, prep: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -222,20 +228,33 @@ class ProbeTrials:
                                 outputs=("features",))[0] for split in ("validation", "test")}
 
     def _measure(self, runtime: Path, prep: Mapping[str, Any], head: torch.nn.Sequential,
-                 counts: tuple[float, float]) -> dict[str, Any]:
-        """Latency, throughput and size of the trunk with a head of the study's shape appended."""
+                 counts: tuple[float, float], *, check: np.ndarray | None = None) -> dict[str, Any]:
+        """Latency, throughput and size of the trunk with a head of the study's shape appended. With
+        ``check`` (the cached features of the validation split), the measured model is first checked
+        against them, through the session that then times it."""
         r = self.runner
-        return measure_artifact(linear_head_bytes(runtime, head), r.latency_example(prep, r.seed), model=None,
+        timer = OnnxTimer(linear_head_bytes(runtime, head), threads=r.threads)
+        if check is not None:
+            self._verify(timer.session, check, prep, head=head)
+        return measure_artifact(timer, r.latency_example(prep, r.seed), model=None,
                                 input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
                                 threads=r.threads, serving_batch=r.serving_batch, counts=counts).metrics()
 
-    def _verify(self, path: Path, cached_validation: np.ndarray, prep: Mapping[str, Any]) -> None:
-        """The exported trunk must compute the features the probe was fit on, on real inputs."""
+    def _verify(self, session: Any, cached_validation: np.ndarray, prep: Mapping[str, Any], *,
+                head: torch.nn.Sequential | None = None) -> None:
+        """The exported trunk must compute the features the probe was fit on, on real inputs. With
+        ``head``, ``session`` runs trunk + head, and its logits are held against the head's logits
+        on the cached features: the check then covers the very bytes that are measured."""
         r = self.runner
         n = min(VERIFY_EXAMPLES, len(r.splits.validation))
-        got = run_onnx(path, r.modality, r.splits.validation.examples[:n], preprocessing=prep, outputs=("features",))[0]
+        feeds = r.modality.encode(r.splits.validation.examples[:n], preprocessing=prep)
+        got = session.run(None, {name: feeds[name] for name in r.modality.input_names()})[0]
         want = cached_validation[:n]
+        if head is not None:
+            with torch.no_grad():
+                want = head(torch.from_numpy(np.array(want, dtype=np.float32))).numpy()
         error = np.linalg.norm(got - want, axis=1) / (np.linalg.norm(want, axis=1) + 1e-6)
         if float(error.max()) > VERIFY_MAX_ERROR:
-            raise ExportError(f"the exported trunk's features differ from the cached ones (relative error "
+            what = "logits (trunk + head)" if head is not None else "features"
+            raise ExportError(f"the exported trunk's {what} differ from the cached ones' (relative error "
                               f"{error.max():.4f} on {n} validation examples); report this with the trial's parameters")
