@@ -258,6 +258,12 @@ class Modality(ABC):
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {name: {0: "batch"} for name in self.input_names()}
 
+    def batch_order(self, examples: Sequence[Any]) -> np.ndarray | None:
+        """An order of ``examples`` that batches alike ones together, for inference over many of them
+        (texts by length: ``encode`` pads a batch to its longest); None keeps them as given (optional
+        hook; training batches are never reordered)."""
+        return None
+
     def warm_start_variants(self, card: BackboneCard) -> list[dict[str, Any]]:
         """Modality parameters for the warm-start trials, best accuracy first (optional hook)."""
         return [self.default_params(card)]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lepton_automl.accel import in_batch_order
 from lepton_automl.backbones import BackboneCard
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.card import render_model_card
@@ -256,14 +257,18 @@ class Predictor:
         return cls(directory, **kwargs)
 
     def logits(self, examples: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
-        outs = []
-        for start in range(0, len(examples), batch_size):
-            feeds = self.modality.encode(examples[start : start + batch_size], preprocessing=self.preprocessing)
-            if self.session is not None:
-                outs.append(self.session.run(["logits"], feeds)[0])
-            else:
-                outs.append(self.torch_model.logits(feeds, self.meta["input_names"]))  # type: ignore[union-attr]
-        return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
+        """(examples, classes), in the order given (batched in the modality's ``batch_order``)."""
+        def run(ordered: Sequence[Any]) -> tuple[np.ndarray]:
+            outs = []
+            for start in range(0, len(ordered), batch_size):
+                feeds = self.modality.encode(ordered[start : start + batch_size], preprocessing=self.preprocessing)
+                if self.session is not None:
+                    outs.append(self.session.run(["logits"], feeds)[0])
+                else:
+                    outs.append(self.torch_model.logits(feeds, self.meta["input_names"]))  # type: ignore[union-attr]
+            return (np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32),)
+
+        return in_batch_order(self.modality, examples, run)[0]
 
     def predict(self, items: Sequence[Any]) -> list[str]:
         """Class names for what a user passes (files, folders, texts, a table of texts)."""

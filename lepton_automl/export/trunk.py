@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lepton_automl.accel import CPU, Accelerator, concat_batches, encoded_batches, with_oom_backoff
+from lepton_automl.accel import CPU, Accelerator, concat_batches, encoded_batches, in_batch_order, with_oom_backoff
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.interfaces import Modality
@@ -48,8 +48,9 @@ def run_trunk(
     precision unless ``mixed_precision`` is False (then fp32 throughout, TF32 convolutions off)."""
     trunk.eval()
     if accel.cuda:
-        return _run_on_gpu(trunk, modality, examples, preprocessing=preprocessing, batch_size=batch_size,
-                           progress=progress, desc=desc, accel=accel, mixed_precision=mixed_precision)
+        return in_batch_order(modality, examples, lambda ordered: _run_on_gpu(
+            trunk, modality, ordered, preprocessing=preprocessing, batch_size=batch_size, progress=progress,
+            desc=desc, accel=accel, mixed_precision=mixed_precision))
     names = modality.input_names()
 
     def call(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -92,13 +93,17 @@ def _run_on_gpu(trunk: nn.Module, modality: Modality, examples: Sequence[Any], *
 def _in_batches(call: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]], modality: Modality,
                 examples: Sequence[Any], *, preprocessing: Mapping[str, Any], batch_size: int,
                 progress: Progress | None, desc: str) -> tuple[np.ndarray, ...]:
-    """``call`` on each encoded batch of ``examples``, outputs concatenated, progress reported."""
-    chunks = []
-    for start in range(0, len(examples), batch_size):
-        chunks.append(call(modality.encode(examples[start : start + batch_size], preprocessing=preprocessing)))
-        if progress is not None:
-            progress(desc, min(start + batch_size, len(examples)), len(examples))
-    return concat_batches(chunks)
+    """``call`` on each encoded batch of ``examples`` (taken in the modality's ``batch_order``),
+    outputs concatenated in the order given, progress reported."""
+    def run(ordered: Sequence[Any]) -> tuple[np.ndarray, ...]:
+        chunks = []
+        for start in range(0, len(ordered), batch_size):
+            chunks.append(call(modality.encode(ordered[start : start + batch_size], preprocessing=preprocessing)))
+            if progress is not None:
+                progress(desc, min(start + batch_size, len(ordered)), len(ordered))
+        return concat_batches(chunks)
+
+    return in_batch_order(modality, examples, run)
 
 
 def run_trunk_fast(

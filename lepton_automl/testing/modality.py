@@ -130,6 +130,25 @@ class ModalityTestCase:
             assert got.dtype == array.dtype and got.shape == array.shape, name
             np.testing.assert_allclose(got, array, rtol=1e-5, atol=1e-5, err_msg=name)
 
+    def test_inference_in_batch_order_gives_each_example_its_own_outputs(self, case: ModalityCase,
+                                                                         data: LabelledData) -> None:
+        """``batch_order`` is None or a permutation of the examples, and a trunk run over many examples
+        (batched in that order, then put back) gives each example what it gets alone."""
+        from lepton_automl.export.trunk import run_trunk
+
+        examples = data.examples[: min(len(data), 12)]
+        order = case.modality.batch_order(examples)
+        if order is not None:
+            assert sorted(np.asarray(order).tolist()) == list(range(len(examples)))
+        card = case.registry.get(case.backbone)
+        params = case.modality.default_params(card)
+        parts = case.modality.build(card, case.registry, params=params, finetune_blocks=0)
+        prep = case.modality.preprocessing(card, case.registry, params=params)
+        (together,) = run_trunk(parts.trunk, case.modality, examples, preprocessing=prep, batch_size=5)[:1]
+        for i, example in enumerate(examples):
+            (alone,) = run_trunk(parts.trunk, case.modality, [example], preprocessing=prep)[:1]
+            np.testing.assert_allclose(together[i], alone[0], rtol=1e-4, atol=1e-5, err_msg=f"example {i}")
+
     # -- model -----------------------------------------------------------------------------
     @pytest.mark.parametrize("blocks", [0, 1])
     def test_trunk_and_tail_compose_into_features(self, case: ModalityCase, data: LabelledData, blocks: int) -> None:
