@@ -98,3 +98,31 @@ def test_timing_a_training_step_changes_nothing(image_folder) -> None:
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights and batch-norm statistics unchanged"
     assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_text_training_batches_are_drawn_at_random_and_alike_in_length() -> None:
+    from lepton_automl.training.finetune import LENGTH_GROUP_BATCHES, length_grouped, length_rank
+    from lepton_text import TextModality
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 200, size=1000)]
+    rank = length_rank(TextModality(), texts)
+    assert length_rank(ImageModality(), texts) is None  # images keep the shuffled order
+    lengths = np.array([len(t) for t in texts])
+    batch, group = 8, LENGTH_GROUP_BATCHES * 8
+    epochs = [length_grouped(rng.permutation(len(texts)), rank, batch) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(len(texts)))  # every example once
+        for start in range(0, len(order), group):  # each group is sorted by length
+            assert np.all(np.diff(lengths[order[start : start + group]]) >= 0)
+
+    def padded(order: np.ndarray) -> int:  # what the batches cost, padded to their longest
+        return sum(len(order[s : s + batch]) * lengths[order[s : s + batch]].max() for s in range(0, len(order), batch))
+
+    shuffled = rng.permutation(len(texts))
+    assert length_grouped(shuffled, None, batch) is shuffled
+    assert padded(epochs[0]) < 0.7 * padded(shuffled)
+    # and the batches themselves differ from epoch to epoch
+    first = {frozenset(epochs[0][s : s + batch].tolist()) for s in range(0, len(texts), batch)}
+    second = {frozenset(epochs[1][s : s + batch].tolist()) for s in range(0, len(texts), batch)}
+    assert len(first & second) < len(first) // 4

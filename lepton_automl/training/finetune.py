@@ -128,6 +128,7 @@ def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preproc
 
     log = FineTuneLog(micro_batch=cfg.batch_size)
     examples, labels = data.examples, np.asarray(data.labels)
+    rank = length_rank(modality, examples)
     decoded = decode_all(modality, examples, preprocessing, accel=accel)
     decoded_val = (decode_all(modality, validation.examples, preprocessing, accel=accel)
                    if decoded is not None and validation is not None and len(validation) else None)
@@ -194,7 +195,7 @@ def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preproc
                 for m in model.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
-            order = torch.randperm(len(examples), generator=gen).numpy()
+            order = length_grouped(torch.randperm(len(examples), generator=gen).numpy(), rank, cfg.batch_size)
             for k, (idx, inputs) in enumerate(batches(order, cfg.batch_size)):
                 target = torch.as_tensor(labels[idx]).to(accel.device, non_blocking=accel.pin_memory)
                 loss = step(inputs, target, epoch)
@@ -233,6 +234,33 @@ def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preproc
     if validation is None and not cfg.freeze_batchnorm:  # statistics over the whole training set
         recalibrate(np.arange(len(examples)))
     return log
+
+
+# A shuffled epoch is cut into groups of this many batches, each group sorted by length, so that a
+# batch's examples are alike in length (a text batch is padded to its longest). On the man-page
+# training set (128 tokens, batches of 32), the tokens run: 4.0x the real ones shuffled, 1.9x
+# grouped by 16 batches, 1.7x sorted whole (transformers' group_by_length groups by 50).
+LENGTH_GROUP_BATCHES = 16
+
+
+def length_rank(modality: Modality, examples: Any) -> np.ndarray | None:
+    """Each example's place in the modality's ``batch_order`` (None when it keeps the given order)."""
+    order = modality.batch_order(examples)
+    if order is None:
+        return None
+    rank = np.empty(len(examples), dtype=np.int64)
+    rank[np.asarray(order)] = np.arange(len(examples))
+    return rank
+
+
+def length_grouped(order: np.ndarray, rank: np.ndarray | None, batch_size: int) -> np.ndarray:
+    """``order`` (a shuffled epoch) with each run of ``LENGTH_GROUP_BATCHES`` batches sorted by
+    ``rank``: batches still drawn at random, each of alike examples. As given when ``rank`` is None."""
+    if rank is None:
+        return order
+    group = LENGTH_GROUP_BATCHES * batch_size
+    return np.concatenate([chunk[np.argsort(rank[chunk], kind="stable")]
+                           for chunk in (order[s : s + group] for s in range(0, len(order), group))])
 
 
 def _device_of(model: nn.Module) -> torch.device:
