@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,20 @@ def test_an_artifact_in_memory_is_measured_like_its_file(tmp_path) -> None:
         assert m.latency_ms > 0 and m.throughput_per_s == pytest.approx(8000.0 / m.latency_serving_batch_ms)
     assert from_bytes.size_mb == from_file.size_mb == pytest.approx(path.stat().st_size / 2**20)
     assert from_bytes.size_gz_mb == from_file.size_gz_mb
+
+
+def test_timing_stops_at_its_time_budget_once_it_has_its_fewest_calls() -> None:
+    import time
+
+    from lepton_automl.cost.latency import TimingPlan, time_calls
+
+    calls = []
+
+    def slow() -> None:  # each call outlasts the whole budget
+        calls.append(1)
+        time.sleep(0.03)
+
+    plan = TimingPlan(warmup=1, round_runs=5, max_rounds=1, max_seconds=0.01)
+    assert len(time_calls(slow, plan)) == 5 and len(calls) == 6
+    calls.clear()
+    assert len(time_calls(slow, dataclasses.replace(plan, min_runs=2))) == 2 and len(calls) == 3

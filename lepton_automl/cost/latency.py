@@ -41,13 +41,15 @@ def device_name() -> str:
 @dataclass(frozen=True)
 class TimingPlan:
     """How long to time: ``warmup`` calls, then rounds of ``round_runs`` until the medians of the last
-    two rounds agree within ``rtol``, at most ``max_rounds`` rounds or ``max_seconds``."""
+    two rounds agree within ``rtol``, at most ``max_rounds`` rounds or ``max_seconds`` (but never
+    fewer than ``min_runs`` timed calls)."""
 
     warmup: int = 5
     round_runs: int = 20
     max_rounds: int = 5
     max_seconds: float = 3.0
     rtol: float = 0.05
+    min_runs: int = 5
 
 
 def time_calls(call: Callable[[], float | None], plan: TimingPlan = TimingPlan()) -> np.ndarray:
@@ -62,7 +64,7 @@ def time_calls(call: Callable[[], float | None], plan: TimingPlan = TimingPlan()
             start = time.perf_counter()
             own = call()
             times.append(float(own) if isinstance(own, float) else (time.perf_counter() - start) * 1000.0)
-            if time.perf_counter() > deadline and len(times) >= 5:
+            if time.perf_counter() > deadline and len(times) >= plan.min_runs:
                 break
         medians.append(float(np.median(times)))
         if len(medians) >= 2 and abs(medians[-1] - medians[-2]) <= plan.rtol * medians[-1]:
