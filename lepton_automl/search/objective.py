@@ -59,7 +59,10 @@ __all__ = ["Limits", "TrialRunner", "TrialTimeout", "usefulness_floor", "onnx_ac
 
 logger = get_logger(__name__)
 
-CALIBRATION_EXAMPLES = 64
+# Static int8's min-max calibration runs every tensor of the trunk on these examples: 2 s of a 7 s int8
+# trunk entry at 224 px with 64. With 32, nine int8 probes on glyphs (lite0-2 at 96/160/224 px) lost
+# as much to quantization (2.4 points on average, out of fold) and scored the same on test (0.619).
+CALIBRATION_EXAMPLES = 32
 
 
 @dataclass
