@@ -213,37 +213,34 @@ class _Design:
     def __init__(self, z: np.ndarray, sparse: np.ndarray) -> None:
         self.features = z.shape[1]
         self.columns: list[np.ndarray] = []
-        self.parts: list[tuple[torch.Tensor, ...]] = []  # (matrix,) dense; (basis, matrix) span; (csr, csr.T)
-        self.kinds: list[str] = []
+        # Each part: (kind, its (examples x width) matrix, the span's basis or the sparse matrix's transpose).
+        self.parts: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         dense, counts = np.flatnonzero(~sparse), np.flatnonzero(sparse)
         if len(dense):
             block = torch.from_numpy(np.ascontiguousarray(z[:, dense]))
             span = _row_space(block)
-            self.parts.append(span if span is not None else (block,))
-            self.kinds.append("span" if span is not None else "dense")
+            self.parts.append(("dense", block, None) if span is None else ("span", span[1], span[0]))
             self.columns.append(dense)
         if len(counts):
             block = torch.from_numpy(np.ascontiguousarray(z[:, counts]))
             with warnings.catch_warnings():  # "sparse CSR support is in beta": products are all it needs
                 warnings.simplefilter("ignore", UserWarning)
-                self.parts.append((block.to_sparse_csr(), block.T.contiguous().to_sparse_csr()))
-            self.kinds.append("sparse")
+                self.parts.append(("sparse", block.to_sparse_csr(), block.T.contiguous().to_sparse_csr()))
             self.columns.append(counts)
 
     def zeros(self, folds: int, classes: int) -> list[torch.Tensor]:
         """Each part's weights, (folds, classes, width), at zero and requiring gradients. Laid out as
         ``nn.Linear`` lays them: with the width last, one fold's backward pass took a third of the
         time of (width, classes) weights (2,304 MiniLM features, 7 classes)."""
-        return [torch.zeros(folds, classes, part[0].shape[1] if kind == "sparse" else part[-1].shape[1],
-                            requires_grad=True) for part, kind in zip(self.parts, self.kinds)]
+        return [torch.zeros(folds, classes, matrix.shape[1], requires_grad=True) for _, matrix, _ in self.parts]
 
     def logits(self, w: Sequence[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
         """(examples, folds, classes): every fold's logits."""
         out: torch.Tensor | None = None
-        for part, kind, weights in zip(self.parts, self.kinds, w):
+        for (kind, matrix, aux), weights in zip(self.parts, w):
             flat = weights.reshape(-1, weights.shape[-1])  # (folds x classes, width)
-            product = (_SparseProduct.apply(flat.T.contiguous(), *part) if kind == "sparse"
-                       else nn.functional.linear(part[-1], flat))
+            product = (_SparseProduct.apply(flat.T.contiguous(), matrix, aux) if kind == "sparse"
+                       else nn.functional.linear(matrix, flat))
             out = product if out is None else out + product
         assert out is not None
         return out.view(out.shape[0], *b.shape) + b
@@ -252,9 +249,9 @@ class _Design:
         """The parts' weights as one (features, folds, classes) tensor, in the features' column order."""
         full = torch.zeros(self.features, *w[0].shape[:2])
         with torch.no_grad():
-            for part, kind, columns, weights in zip(self.parts, self.kinds, self.columns, w):
-                index = torch.from_numpy(columns)
-                full[index] = torch.einsum("dr,fcr->dfc", part[0], weights) if kind == "span" else weights.permute(2, 0, 1)
+            for (kind, _, aux), columns, weights in zip(self.parts, self.columns, w):
+                full[torch.from_numpy(columns)] = (torch.einsum("dr,fcr->dfc", aux, weights) if kind == "span"
+                                                   else weights.permute(2, 0, 1))
         return full
 
 
