@@ -256,7 +256,7 @@ def length_rank(modality: Modality, examples: Any) -> np.ndarray | None:
 def length_grouped(order: np.ndarray, rank: np.ndarray | None, batch_size: int) -> np.ndarray:
     """``order`` (a shuffled epoch) with each run of ``LENGTH_GROUP_BATCHES`` batches sorted by
     ``rank``: batches still drawn at random, each of alike examples. As given when ``rank`` is None."""
-    if rank is None:
+    if rank is None or not len(order):
         return order
     group = LENGTH_GROUP_BATCHES * batch_size
     return np.concatenate([chunk[np.argsort(rank[chunk], kind="stable")]
