@@ -3,7 +3,7 @@ frozen trunk (checked against the exported file), else by running the exported f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lepton_automl.accel import in_batch_order
 from lepton_automl.data.dataset import LabelledData
+from lepton_automl.export.trunk import run_onnx
 from lepton_automl.interfaces import Modality
-from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays
 
 
@@ -24,17 +23,12 @@ def head_accuracy(head: torch.nn.Module, features: np.ndarray, labels: np.ndarra
 
 
 def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
-    session = ort_session(path)
-
-    def run(examples: Sequence[Any]) -> tuple[np.ndarray]:
-        chunks = [session.run(["logits"], modality.encode(examples[start : start + 64], preprocessing=preprocessing))[0]
-                  for start in range(0, len(examples), 64)]
-        return (np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32),)
-
-    (logits,) = in_batch_order(modality, data.examples, run)
+    if not len(data):
+        return 0.0
+    (logits,) = run_onnx(path, modality, data.examples, preprocessing=preprocessing, outputs=("logits",))
     if not np.all(np.isfinite(logits)):
         raise FloatingPointError("the exported model produced NaN/inf logits")
-    return float((logits.argmax(1) == data.labels).mean()) if len(data) else 0.0
+    return float((logits.argmax(1) == data.labels).mean())
 
 
 def concat_features(parts: list[CachedArrays]) -> CachedArrays:
