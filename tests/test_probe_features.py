@@ -14,7 +14,7 @@ from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.objective import TrialRunner
 from lepton_automl.search.space import SearchSpace
 from lepton_automl.training.cache import FeatureCache
-from lepton_automl.training.trainer import SPARSE_BLOCK_WEIGHT, feature_scale, select_probe
+from lepton_automl.training.trainer import SPARSE_BLOCK_WEIGHT, feature_scale, select_probe, sparse_blocks
 from lepton_image import ImageModality
 from lepton_text import TextModality
 
@@ -58,6 +58,21 @@ def test_a_sparse_block_gets_idf_weights_and_one_scale_and_a_dense_block_one_per
     np.testing.assert_allclose(alone * idf, alone[0] * idf[0], rtol=1e-4)
     with pytest.raises(ValueError, match="cover 40 columns"):
         feature_scale(x, [40])
+
+
+def test_pooled_relu_features_with_most_values_zero_are_dense_not_counts() -> None:
+    # a pooled ReLU layer of an image trunk at a small input size: 62% exact zeros (lite0 at 64 px on
+    # the glyph set: 55%), every column a feature of its own, not a word
+    rng = np.random.default_rng(0)
+    relu = np.maximum(rng.normal(-0.3, 1.0, size=(500, 64)), 0).astype(np.float32) * rng.uniform(0.1, 50, size=64).astype(np.float32)
+    assert 0.55 < float((relu == 0).mean()) < 0.7
+    words, _ = _bags(500, seed=1)
+    assert sparse_blocks(np.concatenate([relu, words], axis=1), [64, words.shape[1]]) == [False, True]
+    mean, scale = feature_scale(relu)
+    z = (relu - mean) / scale
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)  # centred, as dense features are
+    spread = relu.std(0)
+    np.testing.assert_allclose(z.std(0)[spread >= np.median(spread)], 1.0, rtol=1e-3)  # each on its own scale
 
 
 def test_a_probe_on_sparse_counts_beside_noisy_dense_features_generalises() -> None:

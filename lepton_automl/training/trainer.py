@@ -24,7 +24,11 @@ from lepton_automl.interfaces import Standardize
 # A sparse block (hashed n-gram counts) is scaled as one, to weigh as much as this many standardised
 # features: standardising its columns one by one multiplies the rarest n-grams the most.
 SPARSE_BLOCK_WEIGHT = 1536
-SPARSE_ZERO_FRACTION = 0.5  # a block with more exact zeros than this is sparse
+# A block with more exact zeros than this is sparse (term counts). Hashed n-grams of man-page summaries:
+# 99.8% zeros. Pooled ReLU6 features of an image trunk are dense but often zero: lite0 on glyphs, 40%
+# at 224 px, 55% at 64 px. Under the old 0.5 those were idf-weighted as if they were words: at 64 px
+# the probe read 0.512 on test instead of 0.572, and its selection took 2.3 s instead of 1.5 s.
+SPARSE_ZERO_FRACTION = 0.9
 
 
 def sparse_blocks(x: np.ndarray, blocks: Sequence[int] | None = None) -> list[bool]:
