@@ -10,7 +10,7 @@ from torch import nn
 from lepton_automl.data.split import split_data
 from lepton_automl.interfaces import ExportModel, TupleOut
 from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune
-from lepton_automl.training.trainer import PROBE_L2_GRID, select_probe
+from lepton_automl.training.trainer import PROBE_L2_GRID, TrainConfig, select_probe, train_probe
 from lepton_image import ImageModality
 
 
@@ -41,6 +41,25 @@ def test_the_probe_picks_its_strength_by_cross_validation_and_generalises() -> N
     # estimates its accuracy on 3,000 new examples (measured 0.70 vs 0.72)
     assert test_acc >= 0.6
     assert abs(test_acc - fit.cv_accuracy) < 0.08
+
+
+@pytest.mark.parametrize("dims", [40, 400])
+def test_the_head_on_every_example_is_the_fit_at_the_chosen_strength(dims) -> None:
+    # it starts from the mean of the folds' heads and runs at the chosen strength: it must reach the
+    # optimum a long fit from zero reaches at that strength
+    x, y = _blobs(300, dims=dims, informative=8, seed=0)
+    fit = select_probe(x, y, 3, seed=0)
+    reference = train_probe(x, y, 3, TrainConfig(weight_decay=fit.l2, probe_iters=500))
+    z = fit.head[0](torch.from_numpy(x)).detach()
+
+    def objective(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        return float(nn.functional.cross_entropy(z @ weight.T + bias, torch.from_numpy(y))
+                     + 0.5 * fit.l2 * weight.pow(2).sum())
+
+    with torch.no_grad():
+        reached = objective(fit.head[1].weight, fit.head[1].bias)
+        optimum = objective(reference[1].weight, reference[1].bias)
+    assert reached == pytest.approx(optimum, rel=1e-3)
 
 
 @pytest.mark.parametrize("dims", [40, 400])  # 400 features for 150 examples: fit on the examples' span
