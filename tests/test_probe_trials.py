@@ -14,6 +14,7 @@ import torch
 from lepton_automl.backbones import BackboneRegistry
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_model
+from lepton_automl.search import probe_trial
 from lepton_automl.search.probe_export import RECIPE, is_recipe, materialize
 from lepton_image import ImageModality
 from tests.test_pruning_in_search import _runner
@@ -144,7 +145,8 @@ def test_the_model_card_follows_the_hub_layout_and_names_data_metrics_and_hardwa
     assert str(root) not in (trial / "lepton.json").read_text() and str(tmp_path) not in text
 
 
-def test_an_int8_ensemble_reuses_its_members_trunks_and_serves_what_it_scored(image_folder, tmp_path) -> None:
+def test_an_int8_ensemble_reuses_its_members_trunks_and_serves_what_it_scored(image_folder, tmp_path,
+                                                                             monkeypatch) -> None:
     modality = ImageModality()
     runner = _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path, "efficientnet_lite0")
     base = {"data__image_size": 64, "train__mode": "probe", "prune__method": "none", "quant__mode": "int8"}
@@ -166,3 +168,14 @@ def test_an_int8_ensemble_reuses_its_members_trunks_and_serves_what_it_scored(im
         data = getattr(runner.splits, split)
         served = Predictor(tmp_path / "both").logits(list(data.examples)).argmax(1)
         assert float((served == data.labels).mean()) == pytest.approx(expected)
+    # The same ensemble in fp32 copies the int8 entry's checked fp32 merge: nothing is merged again.
+    merges = []
+    real_merge = probe_trial.merge_side_by_side
+    monkeypatch.setattr(probe_trial, "merge_side_by_side", lambda *a, **k: merges.append(a) or real_merge(*a, **k))
+    fp32 = runner.evaluate({"backbone": "efficientnet_lite0+efficientnet_lite1", **base, "quant__mode": "none"},
+                           trial_dir=tmp_path / "both-fp32", seed=2)
+    assert merges == []
+    assert (store.get(fp32.extra["trunk"]).fp32.read_bytes() == ensemble.fp32.read_bytes())
+    materialize(tmp_path / "both-fp32", modality=modality, registry=runner.registry)
+    served = Predictor(tmp_path / "both-fp32").logits(list(runner.splits.test.examples)).argmax(1)
+    assert float((served == runner.splits.test.labels).mean()) == pytest.approx(fp32.test_accuracy)
