@@ -49,6 +49,11 @@ def test_probes_share_one_fit_per_feature_set_and_one_trunk_per_signature(probed
     assert sorted(p.name for p in store.iterdir()) == sorted({fp32.extra["trunk"], int8.extra["trunk"]})
     assert again.extra["trunk"] == int8.extra["trunk"] and again.latency_ms == int8.latency_ms
     assert (store / int8.extra["trunk"] / "trunk.int8.onnx").is_file()
+    # Each trial's wall time by step: the trunk's steps only where its entry was built.
+    assert {"export", "quantization", "quantized features", "measurement"} <= set(int8.extra["stage_seconds"])
+    assert {"export", "measurement"} <= set(fp32.extra["stage_seconds"])
+    assert not {"export", "quantization", "measurement"} & set(again.extra["stage_seconds"])
+    assert {"features", "probe fit (cv)", "scoring"} <= set(again.extra["stage_seconds"])
 
 
 def test_a_probe_trial_writes_a_recipe_not_a_model(probed) -> None:

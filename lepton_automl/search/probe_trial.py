@@ -92,8 +92,9 @@ class ProbeTrials:
         cached = concat_features(members)
         deadline.check(stages.done("features"))
         fit = self._fit(keys, cached, [int(m.arrays["train"][0].shape[1]) for m in members])
-        deadline.check(stages.done("training"))
-        entry = self._entry(keys, member, members, prep, config.quant.mode, fit.head)
+        deadline.check(stages.done("probe fit (cv)"))
+        # A new trunk entry marks its own steps on the clock: export, quantization, quantized features, measurement.
+        entry = self._entry(keys, member, members, prep, config.quant.mode, fit.head, clock=stages)
         deadline.check(stages.done("trunk"))
 
         validation = entry.features.get("validation", cached.arrays["validation"][0])
@@ -112,7 +113,7 @@ class ProbeTrials:
         accuracy = fit.cv_accuracy - compression_cost
         if not np.isfinite(accuracy):
             raise FloatingPointError("accuracy is not finite")
-        train_seconds = cached.seconds + stages.seconds["training"]
+        train_seconds = cached.seconds + stages.seconds["probe fit (cv)"]
         measured = {**entry.measured, "cost_usd": r.cost.total_usd(
             train_seconds=train_seconds, latency_ms=1000.0 / float(entry.measured["throughput_per_s"]))}
         deadline.check(stages.done("scoring"))
@@ -150,9 +151,10 @@ class ProbeTrials:
                           "serving_batch": r.serving_batch})
 
     def _entry(self, keys: list[str], member: Callable[[int], ModelParts], cached: list[CachedArrays],
-               prep: Mapping[str, Any], quant: str, head: torch.nn.Sequential) -> TrunkEntry:
+               prep: Mapping[str, Any], quant: str, head: torch.nn.Sequential, *, clock: StageClock) -> TrunkEntry:
         """The trunk entry of these features at ``quant``. An ensemble's is its members' entries side by
-        side (each shared with that member's own probes): nothing is exported, quantized or run twice."""
+        side (each shared with that member's own probes): nothing is exported, quantized or run twice.
+        Building one marks its steps on ``clock``."""
         key = self._trunk_key(keys, quant)
         found = self.trunks.get(key)
         if found is not None:
@@ -162,20 +164,20 @@ class ProbeTrials:
         if len(keys) == 1:
             return self.trunks.build(key, lambda folder: self._make_trunk(
                 folder, lambda: member(0).trunk, quant, prep, np.asarray(cached[0].arrays["validation"][0]), head,
-                twin=twin))
+                twin=twin, clock=clock))
         # A member's entry is measured with a head of its shape: weights change no measurement, so no
         # cross-validated fit is needed for it.
         parts = [self._entry([k], lambda _, i=i: member(i), [c], prep, quant,
                              make_head(c.arrays["train"][0], len(self.runner.splits.classes),
-                                       generator=torch.Generator().manual_seed(self.runner.seed)))
+                                       generator=torch.Generator().manual_seed(self.runner.seed)), clock=clock)
                  for i, (k, c) in enumerate(zip(keys, cached))]
         joined = np.concatenate([np.asarray(c.arrays["validation"][0]) for c in cached], axis=1)
         return self.trunks.build(key, lambda folder: self._merge_trunks(folder, parts, quant, prep, joined, head,
-                                                                        twin=twin))
+                                                                        twin=twin, clock=clock))
 
     def _make_trunk(self, folder: Path, trunk: Callable[[], torch.nn.Module], quant: str, prep: Mapping[str, Any],
                     cached_validation: np.ndarray, head: torch.nn.Sequential, *,
-                    twin: TrunkEntry | None = None) -> _Made:
+                    twin: TrunkEntry | None = None, clock: StageClock) -> _Made:
         """Export (and verify, and quantize) one backbone's trunk. With ``twin``, the same trunk's entry
         at another quantization, its verified fp32 file and its counts are reused: of the twin entries
         only the first one exports, checks and counts."""
@@ -197,17 +199,22 @@ class ProbeTrials:
         if quant != "none":
             if twin is None:  # a twin's fp32 file was checked with it
                 self._verify(ort_session(fp32), cached_validation, prep)
+            clock.done("export")
             runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=quant,
                                     calibration=r.calibration_feeds(prep, r.seed))
+            clock.done("quantization")
             features = self._run_splits(runtime, prep)
+            clock.done("quantized features")
+        clock.done("export")
         counts = (gmacs + _head_gmacs(head), params_m + _head_params_m(head))
         check = cached_validation if twin is None and quant == "none" else None  # fp32: checked as measured
-        return runtime.name, quant, features, {**self._measure(runtime, prep, head, counts, check=check),
-                                               "trunk_gmacs": gmacs, "trunk_params_m": params_m}
+        measured = self._measure(runtime, prep, head, counts, check=check)
+        clock.done("measurement")
+        return runtime.name, quant, features, {**measured, "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _merge_trunks(self, folder: Path, parts: list[TrunkEntry], quant: str, prep: Mapping[str, Any],
                       cached_validation: np.ndarray, head: torch.nn.Sequential, *,
-                      twin: TrunkEntry | None = None) -> _Made:
+                      twin: TrunkEntry | None = None, clock: StageClock) -> _Made:
         """The members' entries side by side. With ``twin``, the same ensemble's entry at another
         quantization, its checked fp32 merge is copied, not merged and checked again (0.6 s of a
         MiniLM + hashed n-grams entry)."""
@@ -222,15 +229,19 @@ class ProbeTrials:
             # The fp32 merge ships beside it, its members each checked; the int8 merge is what is measured.
             if twin is None:  # a twin's fp32 merge was checked with it
                 self._verify(ort_session(fp32), cached_validation, prep)
+            clock.done("export")
             runtime = merge_side_by_side([p.runtime for p in parts], folder / "trunk.int8.onnx", input_names=names)
+            clock.done("quantization")
             features = {split: np.concatenate([p.features[split] for p in parts], axis=1)
                         for split in ("validation", "test")}
+        clock.done("export")
         gmacs = sum(float(p.measured["trunk_gmacs"]) for p in parts)
         params_m = sum(float(p.measured["trunk_params_m"]) for p in parts)
         counts = (gmacs + _head_gmacs(head), params_m + _head_params_m(head))
         check = cached_validation if quant == "none" else None  # fp32: checked as measured, copied or not
-        return runtime.name, quant, features, {**self._measure(runtime, prep, head, counts, check=check),
-                                               "trunk_gmacs": gmacs, "trunk_params_m": params_m}
+        measured = self._measure(runtime, prep, head, counts, check=check)
+        clock.done("measurement")
+        return runtime.name, quant, features, {**measured, "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _run_splits(self, path: Path, prep: Mapping[str, Any]) -> dict[str, np.ndarray]:
         r = self.runner
