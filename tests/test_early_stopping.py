@@ -86,3 +86,8 @@ def test_a_hopeless_trial_is_stopped_in_a_real_search(image_folder, tmp_path) ->
     assert [c[:2] for c in second.user_attrs["curve"]] == [["fine-tuning", 0]]
     assert outcome.stopped == [(1, second.user_attrs["early_stop_reason"])]
     assert not (tmp_path / "es" / "trial-0001" / "model.onnx").exists()  # stopped before export
+    # where the stopped trial's time went: features, then training, where it was stopped
+    seconds = second.user_attrs["stage_seconds"]
+    assert list(seconds) == ["features", "training"] and all(v >= 0 for v in seconds.values())
+    elapsed = (second.datetime_complete - second.datetime_start).total_seconds()
+    assert 0.5 * elapsed <= sum(seconds.values()) <= elapsed + 0.1

@@ -17,16 +17,30 @@ class TrialTimeout(LeptonError):
 
 
 class StageClock:
-    """Wall seconds per stage of a trial (``stage_seconds``), each stage timed from the previous one's end."""
+    """Wall seconds per stage of a trial (``stage_seconds``), each stage timed from the previous one's end.
+    ``plan`` names the stages in the order they run, so that a trial stopped or failed midway still says
+    where its time went (``so_far``): early-stopped fine-tunes took most of a search's time."""
 
     def __init__(self, start: float) -> None:
         self.last, self.seconds = start, {}
+        self.order: tuple[str, ...] = ()
+
+    def plan(self, *order: str) -> None:
+        self.order = order
 
     def done(self, stage: str) -> str:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self.last, 3)
         self.last = now
         return stage
+
+    def so_far(self) -> dict[str, float]:
+        """The seconds of the stages done, and the time since under the stage that was running: the
+        first planned stage not done yet ("unfinished" when none is left)."""
+        running = next((stage for stage in self.order if stage not in self.seconds), "unfinished")
+        seconds = dict(self.seconds)
+        seconds[running] = round(seconds.get(running, 0.0) + time.perf_counter() - self.last, 3)
+        return seconds
 
 
 @dataclass(frozen=True)

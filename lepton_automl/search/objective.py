@@ -124,17 +124,20 @@ class TrialRunner:
         stop = None if self.early_stopping is None else StopCheck(
             rule=self.early_stopping, points=lambda: points_from_study(trial.study),
             backbone=str(params["backbone"]), quant=str(params.get("quant__mode", "none")))
+        clock = StageClock(time.perf_counter())
         try:
             result = self.evaluate(params, trial_dir=self.run_dir / f"trial-{trial.number:04d}",
                                    seed=self.seed + trial.number, stop=stop,
                                    search={"study": trial.study.study_name, "trial": trial.number,
-                                           "budget_s": self.budget_s, "seed": self.seed})
+                                           "budget_s": self.budget_s, "seed": self.seed}, clock=clock)
         except TrialStopped as exc:
+            trial.set_user_attr("stage_seconds", clock.so_far())
             trial.set_user_attr("early_stop_reason", str(exc))
             trial.set_user_attr("curve", stop.curve if stop else [])
             logger.info("trial %d stopped early: %s", trial.number, exc)
             raise optuna.TrialPruned(str(exc)) from None
         except Exception as exc:
+            trial.set_user_attr("stage_seconds", clock.so_far())
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
         if stop is not None:
@@ -167,8 +170,11 @@ class TrialRunner:
 
     # -- one configuration, end to end ------------------------------------------------------
     def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int,
-                 stop: StopCheck | None = None, search: Mapping[str, Any] | None = None) -> TrialResult:
+                 stop: StopCheck | None = None, search: Mapping[str, Any] | None = None,
+                 clock: StageClock | None = None) -> TrialResult:
+        """One configuration, end to end. ``clock``: where its steps' wall seconds go (a new one when None)."""
         start = time.perf_counter()
+        stages = clock if clock is not None else StageClock(start)
         config = TrialConfig.from_params(params)
         deadline = Deadline(start, self.trial_timeout, self.search_ends_at)
         cards = [self.registry.get(name) for name in config.members]
@@ -176,7 +182,7 @@ class TrialRunner:
         prep = self._preprocessing(cards, params)
         if config.probe_only(self.modality.structured_pruning):
             return self.probes.evaluate(config, params, cards, prep, trial_dir=trial_dir, start=start,
-                                        deadline=deadline, search=search or {"seed": self.seed})
+                                        clock=stages, deadline=deadline, search=search or {"seed": self.seed})
         member_parts = [build_seeded(self.modality, c, self.registry, params=params,
                                      finetune_blocks=config.finetune_blocks, pretrained=self.pretrained, seed=self.seed)
                         for c in cards]
@@ -184,7 +190,8 @@ class TrialRunner:
             trunk=ConcatTrunk([p.trunk for p in member_parts]), tail=torch.nn.Identity(),
             feature_dim=sum(p.feature_dim for p in member_parts))
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
-        stages = StageClock(start)  # wall seconds per step, kept on the trial (stage_seconds)
+        # wall seconds per step, kept on the trial (stage_seconds)
+        stages.plan("features", "training", "pruning", "export and quantization", "scoring", "measurement")
 
         cached = concat_features([self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)])
         deadline.check(stages.done("features"))

@@ -73,10 +73,11 @@ class ProbeTrials:
         self._fits: dict[str, ProbeFit] = {}
 
     def evaluate(self, config: TrialConfig, params: Mapping[str, Any], cards: list[BackboneCard],
-                 prep: Mapping[str, Any], *, trial_dir: Path, start: float, deadline: Deadline,
+                 prep: Mapping[str, Any], *, trial_dir: Path, start: float, clock: StageClock, deadline: Deadline,
                  search: Mapping[str, Any]) -> TrialResult:
         r = self.runner
-        stages = StageClock(start)
+        stages = clock
+        stages.plan("features", "probe fit (cv)", "trunk", "scoring", "recipe")
 
         built: dict[int, ModelParts] = {}
 
