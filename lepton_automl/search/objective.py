@@ -181,8 +181,8 @@ class TrialRunner:
         card = cards[0]
         prep = self._preprocessing(cards, params)
         if config.probe_only(self.modality.structured_pruning):
-            return self.probes.evaluate(config, params, cards, prep, trial_dir=trial_dir, start=start,
-                                        clock=stages, deadline=deadline, search=search or {"seed": self.seed})
+            return self.probes.evaluate(config, params, cards, prep, trial_dir=trial_dir, stages=stages,
+                                        deadline=deadline, search=search or {"seed": self.seed})
         member_parts = [build_seeded(self.modality, c, self.registry, params=params,
                                      finetune_blocks=config.finetune_blocks, pretrained=self.pretrained, seed=self.seed)
                         for c in cards]

@@ -73,10 +73,9 @@ class ProbeTrials:
         self._fits: dict[str, ProbeFit] = {}
 
     def evaluate(self, config: TrialConfig, params: Mapping[str, Any], cards: list[BackboneCard],
-                 prep: Mapping[str, Any], *, trial_dir: Path, start: float, clock: StageClock, deadline: Deadline,
+                 prep: Mapping[str, Any], *, trial_dir: Path, stages: StageClock, deadline: Deadline,
                  search: Mapping[str, Any]) -> TrialResult:
         r = self.runner
-        stages = clock
         stages.plan("features", "probe fit (cv)", "trunk", "scoring", "recipe")
 
         built: dict[int, ModelParts] = {}
@@ -129,7 +128,7 @@ class ProbeTrials:
         extra["stage_seconds"] = stages.seconds
         logger.info("%s %s probe quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)", config.backbone,
                     dict(config.data), config.quant.mode, accuracy, measured["latency_ms"], measured["cost_usd"],
-                    time.perf_counter() - start, ", features cached" if cached.hit else "")
+                    time.perf_counter() - deadline.start, ", features cached" if cached.hit else "")
         return TrialResult.from_measured(accuracy=accuracy, test_accuracy=test_accuracy, train_seconds=train_seconds,
                                          artifact=str(trial_dir), extra=extra)
 
@@ -196,17 +195,16 @@ class ProbeTrials:
             model = ExportModel(module, torch.nn.Identity(), head)
             gmacs = count_macs(model, r.latency_example(prep, r.seed), r.modality.input_names()) / 1e9 - _head_gmacs(head)
             params_m = sum(p.numel() for p in module.parameters()) / 1e6
+        if quant != "none" and twin is None:  # int8 ships beside the fp32 file: checked here (a twin's was)
+            self._verify(ort_session(fp32), cached_validation, prep)
+        clock.done("export")
         runtime, features = fp32, {}
         if quant != "none":
-            if twin is None:  # a twin's fp32 file was checked with it
-                self._verify(ort_session(fp32), cached_validation, prep)
-            clock.done("export")
             runtime = quantize_onnx(fp32, folder / "trunk.int8.onnx", mode=quant,
                                     calibration=r.calibration_feeds(prep, r.seed))
             clock.done("quantization")
             features = self._run_splits(runtime, prep)
             clock.done("quantized features")
-        clock.done("export")
         counts = (gmacs + _head_gmacs(head), params_m + _head_params_m(head))
         check = cached_validation if twin is None and quant == "none" else None  # fp32: checked as measured
         measured = self._measure(runtime, prep, head, counts, check=check)
@@ -225,17 +223,16 @@ class ProbeTrials:
             shutil.copyfile(twin.fp32, fp32)
         else:
             merge_side_by_side([p.fp32 for p in parts], fp32, input_names=names)
+        # The fp32 merge ships beside an int8 one, its members each checked: checked here (a twin's was).
+        if quant != "none" and twin is None:
+            self._verify(ort_session(fp32), cached_validation, prep)
+        clock.done("export")
         runtime, features = fp32, {}
-        if quant != "none":
-            # The fp32 merge ships beside it, its members each checked; the int8 merge is what is measured.
-            if twin is None:  # a twin's fp32 merge was checked with it
-                self._verify(ort_session(fp32), cached_validation, prep)
-            clock.done("export")
+        if quant != "none":  # the int8 merge is what is measured
             runtime = merge_side_by_side([p.runtime for p in parts], folder / "trunk.int8.onnx", input_names=names)
-            clock.done("quantization")
             features = {split: np.concatenate([p.features[split] for p in parts], axis=1)
                         for split in ("validation", "test")}
-        clock.done("export")
+            clock.done("quantization")
         gmacs = sum(float(p.measured["trunk_gmacs"]) for p in parts)
         params_m = sum(float(p.measured["trunk_params_m"]) for p in parts)
         counts = (gmacs + _head_gmacs(head), params_m + _head_params_m(head))
