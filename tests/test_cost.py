@@ -118,3 +118,31 @@ def test_timing_stops_at_its_time_budget_once_it_has_its_fewest_calls() -> None:
     assert len(time_calls(slow, plan)) == 5 and len(calls) == 6
     calls.clear()
     assert len(time_calls(slow, dataclasses.replace(plan, min_runs=2))) == 2 and len(calls) == 3
+
+
+def test_a_checked_batch_is_the_warm_up_of_its_shape(tmp_path) -> None:
+    """A trunk entry's check runs a serving-size batch through the timing session; timing that shape
+    then makes no warm-up call of its own, while a shape the session has not run is warmed up."""
+    from lepton_automl.cost.latency import OnnxTimer, TimingPlan
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)).eval()
+    batch = {"x": np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)}
+    path = export_onnx(net, batch, tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    timer = OnnxTimer(path, threads=1)
+    session, calls = timer.session, []
+
+    class Counted:
+        def run(self, names, feeds):
+            calls.append(len(feeds["x"]))
+            return session.run(names, feeds)
+
+    timer.session = Counted()
+    (out,) = timer.run(None, batch)
+    with torch.no_grad():
+        np.testing.assert_allclose(out, net(torch.from_numpy(batch["x"])).numpy(), rtol=1e-4, atol=1e-5)
+    plan = TimingPlan(warmup=1, round_runs=3, max_rounds=1, max_seconds=10.0, min_runs=2)
+    assert timer(batch, plan).runs == 3 and calls == [8, 8, 8, 8]
+    calls.clear()
+    assert timer({"x": batch["x"][:1]}, plan).runs == 3 and calls == [1, 1, 1, 1]
+    calls.clear()
+    assert timer({"x": batch["x"][:1]}, plan).runs == 3 and calls == [1, 1, 1]
