@@ -52,6 +52,12 @@ def main() -> None:
     probe_trials = [t for t in done if config(t).get("train__mode", "probe") == "probe"
                     and config(t).get("prune__method", "none") == "none" and t.number in durations]
     probes = [durations[t.number] for t in probe_trials if t.user_attrs.get("cache_hit")]  # the measure
+    # ... split by whether the trial built its trunk entry (export, int8 quantization and the quantized
+    # trunk's features, measurement) or found it built by an earlier trial
+    reusing = [durations[t.number] for t in probe_trials
+               if t.user_attrs.get("cache_hit") and t.user_attrs.get("trunk_built") is False]
+    building = [durations[t.number] for t in probe_trials
+                if t.user_attrs.get("cache_hit") and t.user_attrs.get("trunk_built")]
     probes_all = [durations[t.number] for t in probe_trials]  # features extracted in the trial included
     front = sorted(outcome.front, key=lambda r: r.latency_ms)
     best = max(front, key=lambda r: (r.accuracy, -r.latency_ms))
@@ -74,6 +80,10 @@ def main() -> None:
         "states": {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState},
         "median_probe_trial_s": round(float(np.median(probes)), 2) if probes else None,
         "probe_trials_on_cached_features": len(probes),
+        "median_probe_trial_reusing_trunk_s": round(float(np.median(reusing)), 2) if reusing else None,
+        "probe_trials_reusing_trunk": len(reusing),
+        "median_probe_trial_building_trunk_s": round(float(np.median(building)), 2) if building else None,
+        "probe_trials_building_trunk": len(building),
         "median_probe_trial_all_s": round(float(np.median(probes_all)), 2) if probes_all else None,
         "probe_trials": len(probes_all),
         "max_trial_s": round(max(durations.values()), 1) if durations else None,

@@ -37,6 +37,9 @@ def test_probes_share_one_fit_per_feature_set_and_one_trunk_per_signature(probed
     runner, root, results = probed
     fp32, int8, again = results["fp32"], results["int8"], results["int8-again"]
     assert not fp32.extra["cache_hit"] and int8.extra["cache_hit"]
+    # The int8 trial reused the fp32 features but built (quantized, ran, timed) its own trunk; the trial
+    # after it on the same signature built nothing.
+    assert fp32.extra["trunk_built"] and int8.extra["trunk_built"] and not again.extra["trunk_built"]
     # One cross-validated fit, whatever the trial quantizes and whatever its seed.
     assert fp32.extra["cv_accuracy"] == int8.extra["cv_accuracy"] == again.extra["cv_accuracy"]
     assert fp32.extra["probe_l2"] == int8.extra["probe_l2"]

@@ -94,6 +94,7 @@ class ProbeTrials:
         fit = self._fit(keys, cached, [int(m.arrays["train"][0].shape[1]) for m in members])
         deadline.check(stages.done("probe fit (cv)"))
         # A new trunk entry marks its own steps on the clock: export, quantization, quantized features, measurement.
+        built_here = self.trunks.get(self._trunk_key(keys, config.quant.mode)) is None
         entry = self._entry(keys, member, members, prep, config.quant.mode, fit.head, clock=stages)
         deadline.check(stages.done("trunk"))
 
@@ -118,7 +119,8 @@ class ProbeTrials:
             train_seconds=train_seconds, latency_ms=1000.0 / float(entry.measured["throughput_per_s"]))}
         deadline.check(stages.done("scoring"))
         extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": 0.0, "holdout_accuracy": holdout,
-                 "cv_accuracy": fit.cv_accuracy, "compression_cost": compression_cost, "probe_l2": fit.l2, "trunk": entry.folder.name}
+                 "cv_accuracy": fit.cv_accuracy, "compression_cost": compression_cost, "probe_l2": fit.l2, "trunk": entry.folder.name,
+                 "trunk_built": built_here}
         write_recipe(trial_dir, head=fit.head, trunk=entry.folder, quant=config.quant.mode, modality=r.modality,
                      cards=cards, params=params, classes=r.splits.classes, preprocessing=prep,
                      metrics={"accuracy": accuracy, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
@@ -254,7 +256,7 @@ class ProbeTrials:
         r = self.runner
         timer = OnnxTimer(linear_head_bytes(runtime, head), threads=r.threads)
         if check is not None:
-            self._verify(timer.session, check, prep, head=head)
+            self._verify(timer, check, prep, head=head)  # a serving-size batch: it warms that shape up
         return measure_artifact(timer, r.latency_example(prep, r.seed), model=None,
                                 input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
                                 threads=r.threads, serving_batch=r.serving_batch, counts=counts).metrics()
