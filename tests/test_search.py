@@ -239,3 +239,21 @@ def test_a_finished_configuration_is_not_run_again(image_folder, tmp_path) -> No
     assert again.repeats >= 1 and again.stopped == []
     assert counted_trials(again.study) == 2
     assert len(again.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+
+
+def test_a_gpu_serving_profile_is_priced_on_cpu_throughput_and_says_so(image_folder, tmp_path, caplog) -> None:
+    import logging
+
+    from lepton_automl.cost.hardware import get_profile, load_profiles
+
+    with caplog.at_level(logging.WARNING, logger="lepton_automl"):
+        outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=1, run_root=tmp_path, seed=0,
+                         serve_profile="aws-g5.xlarge", predictions_per_month=1e6)
+    warned = [r.getMessage() for r in caplog.records if "aws-g5.xlarge" in r.getMessage()]
+    assert len(warned) == 1 and "CPU" in warned[0] and "--serve-hardware aws-c7i.large" in warned[0]
+    (trial,) = [t for t in outcome.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    ua, g5 = trial.user_attrs, get_profile("aws-g5.xlarge", load_profiles())
+    # what the warning says: the GPU's hourly price times the throughput measured here
+    serve_usd = 1e6 / ua["throughput_per_s"] * g5.usd_per_hour / 3600.0
+    assert trial.values[2] == pytest.approx(serve_usd + ua["train_seconds"] * get_profile(
+        "local-cpu", load_profiles()).usd_per_hour / 3600.0, rel=1e-6)

@@ -215,6 +215,14 @@ def search(
     profiles = load_profiles(hardware_file)
     cost = CostModel(train=get_profile(train_profile, profiles), serve=get_profile(serve_profile, profiles),
                      predictions_per_month=predictions_per_month)
+    if cost.serve.device != "cpu":
+        # Trials are timed with ONNX Runtime on this machine's CPU: a GPU's hourly price times a CPU's
+        # throughput overstates what serving there costs, and the user should know before reading the front.
+        logger.warning("serving profile %r is a %s machine, but the search times every model with ONNX Runtime "
+                       "on this machine's CPU: its cost objective prices CPU throughput at %s's hourly price. "
+                       "For a consistent price pass a CPU profile (--serve-hardware aws-c7i.large); to time "
+                       "a chosen export on the GPU, run `lepton compress MODEL_DIR --device cuda`.",
+                       cost.serve.name, cost.serve.device, cost.serve.name)
     cache = FeatureCache(Path(cache_dir) if cache_dir else run_root / "feature-cache")
     run_dir = run_root / study_name
     # Optuna's timeout only stops new trials; a trial still running past it (plus a minute's grace
