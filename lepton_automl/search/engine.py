@@ -10,6 +10,7 @@ passes. Rerunning with the same storage and study name resumes: finished trials 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -250,7 +251,7 @@ def search(
                     remaining, done, worker, _redact(storage_url) if storage_url else default_storage(run_root))
         # No n_trials here: Optuna would count every trial, repeated configurations included.
         study.optimize(runner, n_trials=None, timeout=timeout, catch=(Exception,),
-                       callbacks=[*callbacks, StopWhenCounted(n_trials)], gc_after_trial=True)
+                       callbacks=[*callbacks, StopWhenCounted(n_trials), collect_after_work])
     front = front_rows(study)
     _write_front_exports(front, modality=mod, registry=registry)
     if not keep_all_artifacts:
@@ -265,6 +266,15 @@ def search(
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
                          storage=storage_str, failed=failed, stopped=stopped,
                          repeats=sum(1 for t in pruned if is_repeat(t)))
+
+
+def collect_after_work(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A full garbage collection after each trial that ran (Optuna's ``gc_after_trial``: the models a
+    trial built hold reference cycles), but not after a repeated configuration or a surplus draw, which
+    built nothing. With MiniLM loaded a collection takes 0.25 s; after each of the 134 repeats of a
+    600 s man-page search, it took 33 s of the budget."""
+    if not is_repeat(trial) and not trial.user_attrs.get(SURPLUS_ATTR):
+        gc.collect()
 
 
 def _configs_from_study(name: str, storage: Any, backbones: Sequence[str]) -> list[dict[str, Any]]:
