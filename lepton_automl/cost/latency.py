@@ -96,7 +96,8 @@ class OnnxTimer:
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """``session.run``, counted: a caller checking the outputs on real inputs first (a batch of the
         serving size) warms the session up for that shape, and timing it then skips as many warm-up calls."""
-        self._calls[_shapes(feeds)] = self._calls.get(_shapes(feeds), 0) + 1
+        shapes = _shapes(feeds)
+        self._calls[shapes] = self._calls.get(shapes, 0) + 1
         return self.session.run(None if output_names is None else list(output_names), dict(feeds))
 
     def model_bytes(self) -> bytes:
