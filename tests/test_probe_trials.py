@@ -187,3 +187,27 @@ def test_an_int8_ensemble_reuses_its_members_trunks_and_serves_what_it_scored(im
     materialize(tmp_path / "both-fp32", modality=modality, registry=runner.registry)
     served = Predictor(tmp_path / "both-fp32").logits(list(runner.splits.test.examples)).argmax(1)
     assert float((served == runner.splits.test.labels).mean()) == pytest.approx(fp32.test_accuracy)
+
+
+def test_static_int8_calibrates_on_fewer_examples_of_large_inputs(tmp_path) -> None:
+    """Calibration batches stop once they hold CALIBRATION_VALUES input values: 16 examples at 224 px,
+    all 32 at 96 px; the same seed draws the same examples, so the large inputs' are the first 16."""
+    from lepton_automl.search.objective import CALIBRATION_EXAMPLES, CALIBRATION_VALUES
+    from tests.conftest import make_image_folder
+
+    modality, registry = ImageModality(), BackboneRegistry()
+    runner = _runner(modality, modality.load(make_image_folder(tmp_path / "shapes", per_class=20)), registry,
+                     tmp_path, "efficientnet_lite0")
+    assert len(runner.splits.train) > CALIBRATION_EXAMPLES
+    card = registry.get("efficientnet_lite0")
+
+    def pixels(size: int) -> np.ndarray:
+        prep = modality.preprocessing(card, registry, params={"data__image_size": size})
+        return np.concatenate([f["pixel_values"] for f in runner.calibration_feeds(prep, seed=0)])
+
+    small, large = pixels(96), pixels(224)
+    assert len(small) == CALIBRATION_EXAMPLES and small.size < CALIBRATION_VALUES
+    assert len(large) == 16 and large.size == CALIBRATION_VALUES
+    # the same examples, in the same order: the first 16 of the small set, at another size
+    means = lambda x: x.reshape(len(x), -1).mean(1)  # noqa: E731
+    np.testing.assert_allclose(means(large), means(small[:16]), atol=0.05)
