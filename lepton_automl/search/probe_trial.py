@@ -256,7 +256,9 @@ class ProbeTrials:
         r = self.runner
         timer = OnnxTimer(linear_head_bytes(runtime, head), threads=r.threads)
         if check is not None:
-            self._verify(timer, check, prep, head=head)  # a serving-size batch: it warms that shape up
+            # VERIFY_EXAMPLES rows: at the default --serving-batch (32) the same shape the throughput is
+            # timed at, so this call is that timing's warm-up (OnnxTimer.run)
+            self._verify(timer, check, prep, head=head)
         return measure_artifact(timer, r.latency_example(prep, r.seed), model=None,
                                 input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
                                 threads=r.threads, serving_batch=r.serving_batch, counts=counts).metrics()
