@@ -257,3 +257,14 @@ def test_a_gpu_serving_profile_is_priced_on_cpu_throughput_and_says_so(image_fol
     serve_usd = 1e6 / ua["throughput_per_s"] * g5.usd_per_hour / 3600.0
     assert trial.values[2] == pytest.approx(serve_usd + ua["train_seconds"] * get_profile(
         "local-cpu", load_profiles()).usd_per_hour / 3600.0, rel=1e-6)
+
+
+def test_unstructured_pruning_is_searched_only_under_a_size_limit(image_folder, tmp_path) -> None:
+    # It shrinks the gzip file and changes no objective: without --max-size-mb it is not drawn.
+    spaces = {}
+    for name, limits in (("free", None), ("sized", Limits(max_size_mb=50.0))):
+        # the trials fail at their first deadline check, after their parameters were drawn
+        outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=2, run_root=tmp_path / name,
+                         warm_start=False, limits=limits, trial_timeout=1e-3, ensembles=False)
+        spaces[name] = {t.distributions["prune__method"].choices for t in outcome.study.trials}
+    assert spaces == {"free": {("none", "structured")}, "sized": {("none", "structured", "unstructured")}}

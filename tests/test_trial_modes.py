@@ -35,6 +35,14 @@ def test_misspelt_configuration_keys_are_errors_with_the_fix() -> None:
     assert TrialConfig.from_params(config.to_params()) == config
 
 
+def test_unstructured_pruning_joins_the_space_with_a_size_limit_or_when_named() -> None:
+    names = ["efficientnet_lite0"]
+    assert "unstructured" not in SearchSpace.from_options(backbones=names).prune__method
+    assert "unstructured" in SearchSpace.from_options(backbones=names, size_limited=True).prune__method
+    named = SearchSpace.from_options(backbones=names, options={"prune__method": ["none", "unstructured"]})
+    assert named.prune__method == ("none", "unstructured")
+
+
 def test_the_image_backbones_form_one_ensemble_offered_after_their_probes() -> None:
     registry, modality = BackboneRegistry(), ImageModality()
     names = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]

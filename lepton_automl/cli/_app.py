@@ -145,7 +145,7 @@ def search(
     early_stopping: bool = typer.Option(True, help="Stop trials that even with more training cannot reach the front."),
     untrained: bool = typer.Option(False, help="Allow backbones without offline weights (random init)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Hard limit on batch-1 latency."),
-    max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the gzip-compressed model file (MB)."),
+    max_size_mb: Optional[float] = typer.Option(None, help="Hard limit on the gzip-compressed model file (MB); with it the search also tries unstructured pruning, which shrinks only that file."),
     max_cost_usd: Optional[float] = typer.Option(None, help="Hard limit on the cost objective."),
     max_params: Optional[float] = typer.Option(None, help="Hard limit on parameters, in millions."),
     min_accuracy: Optional[float] = typer.Option(None, help="Hard floor on validation accuracy."),

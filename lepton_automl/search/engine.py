@@ -173,7 +173,8 @@ def search(
                 f"`lepton registry list --pretrained --modality {mod.backbones_from()}`, or pass --untrained."
             )
     space = SearchSpace.from_options(backbones=names, options=space_options,
-                                     ensembles=ensemble_of(names, mod, registry) if ensembles else ())
+                                     ensembles=ensemble_of(names, mod, registry) if ensembles else (),
+                                     size_limited=limits is not None and limits.max_size_mb is not None)
 
     run_root = Path(run_root)
     study_name = study_name or f"{mod.name}-{labelled.name}"
@@ -204,7 +205,7 @@ def search(
         study.set_user_attr("classes", list(splits.classes))
         study.set_user_attr("limits", dataclasses.asdict(limits or Limits()))  # drawn by the report
     if warm_start and not study.trials:
-        configs = (_configs_from_study(warm_start_from, storage, names) if warm_start_from else
+        configs = (_configs_from_study(warm_start_from, storage, space) if warm_start_from else
                    warm_start_configs(space, mod, registry,
                                       mod.warm_start_variants(registry.get(names[0]))))
         configs = configs[:n_trials]  # never queue more than the study will run
@@ -277,15 +278,20 @@ def collect_after_work(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> 
         gc.collect()
 
 
-def _configs_from_study(name: str, storage: Any, backbones: Sequence[str]) -> list[dict[str, Any]]:
-    """The Pareto-front configurations of another study, restricted to this search's backbones."""
+def _configs_from_study(name: str, storage: Any, space: SearchSpace) -> list[dict[str, Any]]:
+    """The Pareto-front configurations of another study that this search's space holds (its backbones,
+    training modes, pruning methods and quantization: an unstructured-pruned one, say, is left out of a
+    search without a size limit)."""
     try:
         other = optuna.load_study(study_name=name, storage=storage)
     except KeyError as exc:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise ConfigError(f"No study {name!r} to warm-start from.{did_you_mean(name, names)} "
                           f"Studies in this storage: {names or 'none'}.") from exc
-    return [dict(t.params) for t in other.best_trials if t.params.get("backbone") in backbones]
+    choices = {"backbone": (*space.backbones, *space.ensembles), "train__mode": space.train__mode,
+               "prune__method": space.prune__method, "quant__mode": space.quant__mode}
+    return [dict(t.params) for t in other.best_trials
+            if all(t.params.get(k, v[0]) in v for k, v in choices.items())]
 
 
 def _redact(url: str) -> str:

@@ -12,7 +12,7 @@
 - ``prune__method``: ``none``, ``structured`` (conv channels, then ``prune__recovery_epochs`` of
   fine-tuning; for transformers ``prune__target`` picks whole layers, keeping the first ones, or
   attention heads and MLP width, then recovery) or ``unstructured`` (magnitude; a size option only),
-  with ``prune__amount``;
+  with ``prune__amount``; ``unstructured`` only when the search has a size limit (``from_options``);
 - ``quant__mode``: ``none`` or ``int8`` (static for convolutional graphs, dynamic MatMul otherwise).
 Conditional parameters (``train__blocks``, ``train__epochs``) are suggested only when they apply.
 """
@@ -50,8 +50,15 @@ class SearchSpace:
 
     @classmethod
     def from_options(cls, *, backbones: Sequence[str], options: Mapping[str, Any] | None = None,
-                     ensembles: Sequence[str] = ()) -> SearchSpace:
-        """Build from user options; an unknown option is an error naming the valid ones."""
+                     ensembles: Sequence[str] = (), size_limited: bool = False) -> SearchSpace:
+        """Build from user options; an unknown option is an error naming the valid ones.
+
+        Unstructured pruning is in the default space only when the search has a size limit
+        (``size_limited``: ``Limits.max_size_mb``). It zeroes weights inside dense kernels, which
+        shrinks the gzip-compressed file and nothing else: no objective (accuracy, latency, cost)
+        can gain from it, so without a size limit it only spends trials on models that are worse
+        than their unpruned twins in expectation, and reach the front by a lucky validation score.
+        Naming ``prune__method`` in ``options`` overrides this."""
         options = dict(options or {})
         valid = [f.name for f in fields(cls) if f.name not in ("backbones", "ensembles")]
         for key in options:
@@ -59,6 +66,8 @@ class SearchSpace:
                 raise ConfigError(f"Unknown search-space option {key!r}.{did_you_mean(key, valid)} "
                                   f"Valid: {', '.join(valid)}.")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        if "prune__method" not in values and not size_limited:
+            values["prune__method"] = tuple(m for m in PRUNE_METHODS if m != "unstructured")
         return cls(backbones=tuple(backbones), ensembles=tuple(ensembles), **values)
 
     def __post_init__(self) -> None:
