@@ -130,6 +130,53 @@ def test_non_image_files_are_ignored_with_a_count(tmp_path, image_folder) -> Non
     assert "ignored 1 files that are not images" in _finding(IMAGE.load(root), "not-an-image")
 
 
+def _xpm(rgb: np.ndarray) -> str:
+    """``rgb`` (H, W, 3 uint8, few colours) as XPM text: Pillow reads XPM but does not write it."""
+    colours = sorted({tuple(int(v) for v in px) for px in rgb.reshape(-1, 3)})
+    code = {c: chr(ord("a") + i) for i, c in enumerate(colours)}
+    rows = ["".join(code[tuple(int(v) for v in px)] for px in row) for row in rgb]
+    lines = [f"{rgb.shape[1]} {rgb.shape[0]} {len(colours)} 1",
+             *(f"{code[c]} c #{c[0]:02x}{c[1]:02x}{c[2]:02x}" for c in colours), *rows]
+    return "/* XPM */\nstatic char *img[] = {\n" + ",\n".join(f'"{line}"' for line in lines) + "};\n"
+
+
+def test_every_raster_format_pillow_reads_is_loaded_and_vector_images_are_named(tmp_path) -> None:
+    root = tmp_path / "formats"
+    rng = np.random.default_rng(0)
+    formats = (".png", ".tif", ".ico", ".ppm", ".tga", ".bmp", ".xpm")
+    for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (root / cls).mkdir(parents=True)
+        for i, suffix in enumerate(formats):
+            pixels = np.full((32, 32, 3), 255, np.uint8)
+            x, y = rng.integers(0, 16, size=2)
+            pixels[y : y + 12 + i, x : x + 12] = colour  # distinct images: no duplicates to drop
+            path = root / cls / f"{i}{suffix}"
+            if suffix == ".xpm":
+                path.write_text(_xpm(pixels))
+            else:
+                Image.fromarray(pixels).save(path)
+        (root / cls / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    data = IMAGE.load(root)
+    assert sorted(Path(e).suffix for e in data.examples) == sorted(formats * 2)
+    assert "ignored 2 vector images" in _finding(data, "vector-image")
+    assert "rsvg-convert" in _finding(data, "vector-image")
+    prep = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    pixels = IMAGE.encode_compact(list(data.examples), preprocessing=prep)["pixel_values"]
+    # decoded as drawn: the class colour in the red or blue channel, white around it
+    labels = [data.classes[y] for y in data.labels]
+    dominant = pixels.reshape(len(labels), 3, -1).min(axis=2).argmax(axis=1)  # the channel kept at 200
+    assert [("red", "blue")[int(d == 2)] for d in dominant] == labels
+
+
+def test_a_folder_of_vector_images_only_says_how_to_rasterise_them(tmp_path) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / "svgs" / cls).mkdir(parents=True)
+        (tmp_path / "svgs" / cls / "x.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    assert IMAGE.can_load(tmp_path / "svgs")
+    with pytest.raises(DataError, match="no readable images.*rasterise them first"):
+        IMAGE.load(tmp_path / "svgs")
+
+
 def test_extreme_imbalance_is_a_warning(tmp_path, image_folder) -> None:
     root = _folder(tmp_path, image_folder)
     for i in range(120):

@@ -24,7 +24,12 @@ from lepton_automl.log import get_logger
 
 logger = get_logger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+# Every raster format Pillow decodes that image collections use: desktop pixmaps are often XPM or ICO,
+# scans TIFF, netpbm tools write PPM/PGM/PBM.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".xpm", ".ico", ".ppm",
+                  ".pgm", ".pbm", ".tga"}
+# Vector images are not decoded: a user with them is told how to rasterise them.
+VECTOR_SUFFIXES = {".svg", ".svgz"}
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
                "test": "test"}
 # Input resolution is one of the strongest latency knobs; digits do not need 224 px.
@@ -80,7 +85,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise InputError(f"the image is too large to decode safely ({exc})", status=413) from None
     except Exception as exc:
         raise InputError(f"not a readable image ({type(exc).__name__}: {str(exc)[:200]}); send PNG, JPEG, GIF, "
-                         "BMP, TIFF or WebP bytes") from None
+                         "BMP, TIFF, WebP, ICO or XPM bytes") from None
 
 
 class _Flatten(nn.Module):
@@ -150,7 +155,8 @@ class ImageModality(Modality):
             return True
         if not isinstance(source, (str, Path)) or not Path(source).is_dir():
             return False
-        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(source).glob("*/*"))
+        # vector images too, so that a folder of them is told how to rasterise them (``load``)
+        return any(p.suffix.lower() in IMAGE_SUFFIXES | VECTOR_SUFFIXES for p in Path(source).glob("*/*"))
 
     def load(self, source: Any, *, options: Mapping[str, Any] | None = None) -> LabelledData:
         """Read ``ROOT/<class>/<image>`` (or ``ROOT/{train,validation,test}/<class>/<image>``),
@@ -177,7 +183,7 @@ class ImageModality(Modality):
         split_of: list[str] = []
         bad: dict[str, list[str]] = {"unreadable": [], "oversized": []}
         converted: Counter[str] = Counter()
-        loops = ignored = 0
+        loops = ignored = vectors = 0
         for split, base in layout:
             classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
             if not classes:
@@ -185,9 +191,10 @@ class ImageModality(Modality):
                     f"{str(base)!r} has no class subfolders. Lay images out as ROOT/<class>/<image>.png."
                 )
             for cls in classes:
-                files, n_loops, n_other = _walk_images(base / cls)
+                files, n_loops, n_other, n_vector = _walk_images(base / cls)
                 loops += n_loops
                 ignored += n_other
+                vectors += n_vector
                 if not files:
                     findings.warning("empty-class", f"class folder {str(base / cls)!r} holds no images; ignored")
                 for path in files:
@@ -216,6 +223,8 @@ class ImageModality(Modality):
                        + (f"; {', '.join(notes)}" if notes else ""))
         findings.fixed("not-an-image", ignored, f"ignored {ignored} files that are not images "
                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        findings.fixed("vector-image", vectors, f"ignored {vectors} vector images (.svg, .svgz): Lepton decodes raster "
+                       "images only; rasterise them first, e.g. `rsvg-convert -w 128 -h 128 icon.svg -o icon.png`")
         findings.fixed("symlink-loop", loops, f"did not follow {loops} symlink loops")
         if not examples:
             raise DataError(
@@ -371,11 +380,12 @@ def _probe_dim(trunk: nn.Module) -> int:
         return int(trunk(torch.zeros(1, 3, 64, 64))[0].shape[-1])
 
 
-def _walk_images(folder: Path) -> tuple[list[Path], int, int]:
-    """Image files under ``folder`` (symlinks followed once), symlink loops met, other files ignored."""
+def _walk_images(folder: Path) -> tuple[list[Path], int, int, int]:
+    """Image files under ``folder`` (symlinks followed once), symlink loops met, other files ignored,
+    vector images ignored."""
     found: list[Path] = []
     seen: set[str] = set()
-    loops = other = 0
+    loops = other = vectors = 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -385,11 +395,14 @@ def _walk_images(folder: Path) -> tuple[list[Path], int, int]:
         seen.add(real)
         dirnames.sort()
         for fn in sorted(filenames):
-            if Path(fn).suffix.lower() in IMAGE_SUFFIXES:
+            suffix = Path(fn).suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
                 found.append(Path(dirpath) / fn)
+            elif suffix in VECTOR_SUFFIXES:
+                vectors += 1
             elif not fn.startswith("."):
                 other += 1
-    return found, loops, other
+    return found, loops, other, vectors
 
 
 def _inspect(path: Path) -> tuple[str, str, str]:
