@@ -95,6 +95,15 @@ def test_full_fine_tuning_predicts_its_time_and_serves_what_it_measured(text_csv
     with pytest.raises(TrialStopped, match="not started"):
         runner.evaluate(params, trial_dir=tmp_path / "late", seed=0)
     assert not (tmp_path / "late").exists()
+    # Once the search has timed a training step, a configuration that could not fit one epoch even at the
+    # fastest rate per GMAC measured is stopped before its own step is timed (three forward and backward
+    # passes). 15 s is what export and measurement keep, so no epoch fits here.
+    timed = len(runner.steps.step_seconds_per_gmac)
+    assert timed == 2 and all(rate > 0 for rate in runner.steps.step_seconds_per_gmac)
+    runner.trial_timeout, runner.train_cost_ratio = 15.0, None
+    with pytest.raises(TrialStopped, match="at least .from its MACs"):
+        runner.evaluate(params, trial_dir=tmp_path / "later", seed=0)
+    assert len(runner.steps.step_seconds_per_gmac) == timed
 
 
 def test_lexical_ngrams_join_a_transformer_in_one_exported_ensemble(text_csv, tiny_bert_dir, tmp_path) -> None:

@@ -20,9 +20,11 @@ logger = get_logger(__name__)
 AFTER_TRAINING_S = 15.0  # what export, scoring and measurement take after the last epoch, at most
 
 
-def epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: str, reserve: float = 0.0) -> int:
+def epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: str, reserve: float = 0.0,
+                    basis: str = "") -> int:
     """How many of ``wanted`` epochs of ``per_epoch`` predicted seconds fit in the trial's remaining time,
-    keeping ``reserve`` seconds for what follows; a stage that cannot run one is not started."""
+    keeping ``reserve`` seconds for what follows; a stage that cannot run one is not started (``basis``:
+    how the prediction was made, for the message)."""
     # Export, quantization, scoring and latency timing follow training: keep them inside the limit too
     # (on the glyph benchmark a full fine-tuning planned to the limit finished 4 s past it).
     left = deadline.remaining() - reserve - AFTER_TRAINING_S
@@ -30,7 +32,7 @@ def epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: 
         return wanted
     fits = min(wanted, int(0.9 * left // max(per_epoch, 1e-9)))
     if fits < 1:
-        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch, more than the {max(left, 0.0):.0f} s "
+        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch{basis}, more than the {max(left, 0.0):.0f} s "
                            f"this trial has left for it; not started")
     if fits < wanted:
         logger.info("%s: %d of %d epochs (predicted %.0f s each, %.0f s left)", what, fits, wanted, per_epoch, left)

@@ -38,6 +38,9 @@ FULL_FINETUNE_LAYER_DECAY = 0.8
 class TrainingSteps:
     def __init__(self, runner: TrialRunner) -> None:
         self.runner = runner
+        # Seconds of a timed training step per GMAC of one example's forward pass, per step timed by
+        # this worker: what ``screen`` predicts the next configuration's epochs from, before timing it.
+        self.step_seconds_per_gmac: list[float] = []
 
     @property
     def modality(self) -> Any:
@@ -85,14 +88,17 @@ class TrainingSteps:
         cfg = FineTuneConfig(epochs=int(config.train.epochs), lr=float(config.optim.lr),
                              weight_decay=self.weight_decay(config), layer_decay=FULL_FINETUNE_LAYER_DECAY,
                              seed=seed, class_weights=self.runner.class_weights_for_training())
-        per_epoch = self.epoch_seconds(model, prep, cfg.batch_size)
-        # Recovery after structured pruning comes later in the same trial: keep its time free.
+        # Recovery after structured pruning comes later in the same trial: keep its time free, in epochs
+        # of this size (a pruned epoch costs the MACs that are left).
         keep = 1.0 - float(config.prune.amount)
-        reserve = (per_epoch * int(config.prune.recovery_epochs) *
-                   (keep**2 if self.modality.structured_pruning == "channels" else keep)
-                   if config.prune.method == "structured" else 0.0)
-        fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline, reserve=reserve, what="fine-tuning")
-        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop else 0.0
+        recovery = (int(config.prune.recovery_epochs) * (keep**2 if self.modality.structured_pruning == "channels"
+                                                         else keep)
+                    if config.prune.method == "structured" else 0.0)
+        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
+        self.screen(gmacs, deadline, what="fine-tuning", batch_size=cfg.batch_size, reserve_epochs=recovery)
+        per_epoch = self.epoch_seconds(model, prep, cfg.batch_size, gmacs=gmacs)
+        fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline, reserve=per_epoch * recovery,
+                               what="fine-tuning")
 
         def after_epoch(epoch: int, accuracy: float | None) -> None:
             # Full fine-tuning often dips in its first epochs (the pretrained features are disturbed
@@ -112,14 +118,35 @@ class TrainingSteps:
                 "best_epoch": log.best_epoch, "validation_curve": log.curve,
                 "train_cost_ratio": measured * (self.runner.train_cost_ratio or 1.0) / max(per_epoch, 1e-9)}
 
-    def epoch_seconds(self, model: torch.nn.Module, prep: Mapping[str, Any], batch_size: int = 32) -> float:
+    def epoch_seconds(self, model: torch.nn.Module, prep: Mapping[str, Any], batch_size: int = 32, *,
+                      gmacs: float | None = None) -> float:
         """Predicted seconds of one training epoch and validation pass: a timed training step times the
         steps (a forward is about a third of a step), scaled by what this study's finished trials
-        measured against such predictions (``train_cost_ratio``; the optimizer step is not timed)."""
+        measured against such predictions (``train_cost_ratio``; the optimizer step is not timed).
+        With ``gmacs`` (one example's forward pass), the step's seconds per GMAC are kept for ``screen``."""
         step_s = time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size,
                                     accel=self.runner.accelerator)
+        if gmacs:
+            self.step_seconds_per_gmac.append(step_s / (gmacs * min(batch_size, len(self.splits.train))))
+        return self._epoch(step_s, batch_size) * (self.runner.train_cost_ratio or 1.0)
+
+    def _epoch(self, step_s: float, batch_size: int) -> float:
         steps = -(-len(self.splits.train) // batch_size) + -(-len(self.splits.validation) // batch_size) / 3.0
-        return step_s * steps * (self.runner.train_cost_ratio or 1.0)
+        return step_s * steps
+
+    def screen(self, gmacs: float, deadline: Deadline, *, what: str, batch_size: int = 32,
+               reserve_epochs: float = 0.0, reserve_s: float = 0.0) -> None:
+        """Stop the trial before its training step is timed when not one epoch could fit in its remaining
+        time (beside ``reserve_epochs`` epochs and ``reserve_s`` seconds that follow), even at the fastest
+        seconds per GMAC of the training steps this worker timed. Timing takes three forward and backward
+        passes at the batch size: 24 s of efficientnet_lite1 at 224 px on 2 cores, spent by trials that
+        were then not started. The first trial that trains times its step without this check."""
+        if not self.step_seconds_per_gmac or gmacs <= 0:
+            return
+        step_s = min(self.step_seconds_per_gmac) * gmacs * min(batch_size, len(self.splits.train))
+        at_least = self._epoch(step_s, batch_size) * min(1.0, self.runner.train_cost_ratio or 1.0)
+        epochs_that_fit(1, at_least, deadline, what=what, reserve=reserve_s + reserve_epochs * at_least,
+                        basis=" at least (from its MACs, at the fastest rate per GMAC this search's training ran)")
 
     # -- pruning, then recovery ------------------------------------------------------------
     def prune(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
@@ -134,13 +161,14 @@ class TrainingSteps:
             _, heads = prune_structure(model, kind=self.modality.structured_pruning, amount=float(prune.amount),
                                        example=example)
             deadline.check("pruning")
-            per_epoch = self.epoch_seconds(model, prep)
+            gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
             # The head refit after recovery is a forward pass over the training split (about a third of
             # a training step per example) and a probe fit: keep time for it.
+            self.screen(gmacs, deadline, what="pruning recovery", reserve_epochs=1 / 3, reserve_s=PROBE_FIT_S)
+            per_epoch = self.epoch_seconds(model, prep, gmacs=gmacs)
             epochs = epochs_that_fit(int(prune.recovery_epochs), per_epoch, deadline, what="pruning recovery",
                                      reserve=per_epoch / 3.0 + PROBE_FIT_S)
-            self.recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop,
-                          latency_input=latency_input)
+            self.recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop, gmacs=gmacs)
             self.refit_head(model, prep, seed=seed, deadline=deadline)
             channels = self.modality.structured_pruning == "channels"
             return zero_fraction(model), ({} if channels else {"prune__heads": heads})
@@ -158,12 +186,12 @@ class TrainingSteps:
         deadline.check("refitting the head after pruning")
 
     def recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
-                 deadline: Deadline, stop: StopCheck | None, latency_input: Mapping[str, np.ndarray]) -> None:
-        """Recovery after structured pruning, with deadline checks per batch and early stopping per epoch."""
-        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 if stop is not None else None
+                 deadline: Deadline, stop: StopCheck | None, gmacs: float) -> None:
+        """Recovery after structured pruning, with deadline checks per batch and early stopping per epoch
+        (``gmacs``: one example's forward pass through the pruned model)."""
 
         def judge(epoch: int) -> None:
-            if stop is not None and gmacs is not None:
+            if stop is not None:
                 stop(stage="pruning recovery", epoch=epoch, epochs_left=epochs - epoch, gmacs=gmacs,
                      accuracy=evaluate_accuracy(model, self.modality, self.splits.validation, prep,
                                                 accel=self.runner.accelerator))
