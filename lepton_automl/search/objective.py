@@ -32,7 +32,7 @@ from lepton_automl.cost.measurement import measure_artifact
 from lepton_automl.data.dataset import Splits
 from lepton_automl.exceptions import ConfigError, ExportError
 from lepton_automl.export.artifact import save_artifact
-from lepton_automl.export.trunk import Progress, run_trunk_fast
+from lepton_automl.export.trunk import Progress, run_trunk_splits
 from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelParts, TrialResult, build_seeded
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
@@ -265,12 +265,11 @@ class TrialRunner:
         cached = self.cache.get(key)
         if cached is None:
             t0 = time.perf_counter()
-            arrays = {
-                split: run_trunk_fast(parts().trunk, self.modality, getattr(self.splits, split).examples,
-                                      preprocessing=prep, progress=self.progress, desc=f"{card.name} {split}",
-                                      accel=self.accelerator)
-                for split in ("train", "validation", "test")
-            }
+            names = {f"{card.name} {split}": split for split in ("train", "validation", "test")}
+            outputs = run_trunk_splits(parts().trunk, self.modality,
+                                       {name: getattr(self.splits, split).examples for name, split in names.items()},
+                                       preprocessing=prep, progress=self.progress, accel=self.accelerator)
+            arrays = {split: outputs[name] for name, split in names.items()}
             cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,
                                     label=f"{card.name} {prep} blocks={config.finetune_blocks}")
         return cached
