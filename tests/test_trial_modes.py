@@ -3,6 +3,7 @@ predicted wall time, and the typed configuration that refuses misspelt keys."""
 
 from __future__ import annotations
 
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_mode
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.probe_export import materialize
 from lepton_automl.search.early_stopping import TrialStopped
+from lepton_automl.search.limits import StageClock
 from lepton_automl.search.space import SearchSpace, ensemble_of, warm_start_configs
 from lepton_image import ImageModality
 from tests.test_pruning_in_search import _runner, _tiny_text_runner
@@ -101,9 +103,11 @@ def test_full_fine_tuning_predicts_its_time_and_serves_what_it_measured(text_csv
     timed = len(runner.steps.step_seconds_per_gmac)
     assert timed == 2 and all(rate > 0 for rate in runner.steps.step_seconds_per_gmac)
     runner.trial_timeout, runner.train_cost_ratio = 15.0, None
+    clock = StageClock(time.perf_counter())
     with pytest.raises(TrialStopped, match="at least .from its MACs"):
-        runner.evaluate(params, trial_dir=tmp_path / "later", seed=0)
+        runner.evaluate({**params, "data__max_length": 64}, trial_dir=tmp_path / "later", seed=0, clock=clock)
     assert len(runner.steps.step_seconds_per_gmac) == timed
+    assert clock.seconds == {}  # stopped before its features were extracted (64 tokens: not cached)
 
 
 def test_lexical_ngrams_join_a_transformer_in_one_exported_ensemble(text_csv, tiny_bert_dir, tmp_path) -> None:

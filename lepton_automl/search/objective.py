@@ -198,6 +198,7 @@ class TrialRunner:
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
         # wall seconds per step, kept on the trial (stage_seconds)
         stages.plan("features", "training", "pruning", "export and quantization", "scoring", "measurement")
+        self.steps.screen_trial(config, parts, latency_input, deadline)  # before its features are extracted
 
         cached = concat_features([self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)])
         deadline.check(stages.done("features"))

@@ -134,6 +134,28 @@ class TrainingSteps:
         steps = -(-len(self.splits.train) // batch_size) + -(-len(self.splits.validation) // batch_size) / 3.0
         return step_s * steps
 
+    def screen_trial(self, config: TrialConfig, parts: ModelParts, latency_input: Mapping[str, np.ndarray],
+                     deadline: Deadline) -> None:
+        """``screen`` before anything of the trial runs (features, the probe it starts from): a full
+        fine-tuning, or a structured pruning's recovery, that could not fit one epoch is not started.
+        Two such trials of the glyph benchmark spent 17-18 s each extracting features first."""
+        if not self.step_seconds_per_gmac:
+            return
+        structured = config.prune.method == "structured" and (self.modality.structured_pruning == "channels"
+                                                               or config.prune.target == "width")
+        if config.train.mode != "full" and not structured:
+            return
+        model = ExportModel(parts.trunk, parts.tail, torch.nn.Identity())
+        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
+        keep = 1.0 - float(config.prune.amount or 0.0)
+        shrink = keep**2 if self.modality.structured_pruning == "channels" else keep  # MACs left, at best
+        if config.train.mode == "full":
+            self.screen(gmacs, deadline, what="fine-tuning",
+                        reserve_epochs=int(config.prune.recovery_epochs or 0) * shrink if structured else 0.0)
+        else:
+            self.screen(gmacs * shrink, deadline, what="pruning recovery", reserve_epochs=1 / 3,
+                        reserve_s=PROBE_FIT_S)
+
     def screen(self, gmacs: float, deadline: Deadline, *, what: str, batch_size: int = 32,
                reserve_epochs: float = 0.0, reserve_s: float = 0.0) -> None:
         """Stop the trial before its training step is timed when not one epoch could fit in its remaining
