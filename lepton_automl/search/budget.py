@@ -18,6 +18,7 @@ from lepton_automl.search.limits import Deadline
 logger = get_logger(__name__)
 
 AFTER_TRAINING_S = 15.0  # what export, scoring and measurement take after the last epoch, at most
+PLANNED_SHARE = 0.9  # of the time left, what epochs may be planned into
 
 
 def epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: str, reserve: float = 0.0,
@@ -30,10 +31,12 @@ def epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: 
     left = deadline.remaining() - reserve - AFTER_TRAINING_S
     if math.isinf(left):
         return wanted
-    fits = min(wanted, int(0.9 * left // max(per_epoch, 1e-9)))
+    usable = PLANNED_SHARE * left  # predictions are off by up to a tenth
+    fits = min(wanted, int(usable // max(per_epoch, 1e-9)))
     if fits < 1:
-        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch{basis}, more than the {max(left, 0.0):.0f} s "
-                           f"this trial has left for it; not started")
+        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch{basis}, more than the {max(usable, 0.0):.0f} s "
+                           f"this trial can plan for it ({PLANNED_SHARE:.0%} of the {max(left, 0.0):.0f} s it has "
+                           f"left after what follows); not started")
     if fits < wanted:
         logger.info("%s: %d of %d epochs (predicted %.0f s each, %.0f s left)", what, fits, wanted, per_epoch, left)
     return fits
