@@ -34,9 +34,9 @@ def epochs_that_fit(wanted: int, per_epoch: float, deadline: Deadline, *, what: 
     usable = PLANNED_SHARE * left  # predictions are off by up to a tenth
     fits = min(wanted, int(usable // max(per_epoch, 1e-9)))
     if fits < 1:
-        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch{basis}, more than the {max(usable, 0.0):.0f} s "
-                           f"this trial can plan for it ({PLANNED_SHARE:.0%} of the {max(left, 0.0):.0f} s it has "
-                           f"left after what follows); not started")
+        raise TrialStopped(f"predicted {per_epoch:.0f} s per {what} epoch{basis}, more than the "
+                           f"{max(usable, 0.0):.0f} s this trial can plan for it ({PLANNED_SHARE:.0%} of the "
+                           f"{max(left, 0.0):.0f} s it has left after what follows); not started")
     if fits < wanted:
         logger.info("%s: %d of %d epochs (predicted %.0f s each, %.0f s left)", what, fits, wanted, per_epoch, left)
     return fits

@@ -63,10 +63,7 @@ class TrainingSteps:
             return lambda epoch, h: False
         epochs = int(config.train.epochs)
         later = int(config.prune.recovery_epochs) if config.prune.method == "structured" else 0
-        # MACs left after the pruning still to come, at best: channels cut both sides of a conv,
-        # heads and MLP width cut one side of each projection.
-        keep = 1.0 - float(config.prune.amount)
-        ratio = (keep**2 if self.modality.structured_pruning == "channels" else keep) if later else 1.0
+        ratio = self.macs_kept(config) if later else 1.0  # after the pruning still to come
         gmacs = count_macs(ExportModel(parts.trunk, parts.tail, head), example, self.modality.input_names()) / 1e9
 
         def judge(epoch: int, h: torch.nn.Module) -> bool:
@@ -90,9 +87,7 @@ class TrainingSteps:
                              seed=seed, class_weights=self.runner.class_weights_for_training())
         # Recovery after structured pruning comes later in the same trial: keep its time free, in epochs
         # of this size (a pruned epoch costs the MACs that are left).
-        keep = 1.0 - float(config.prune.amount)
-        recovery = (int(config.prune.recovery_epochs) * (keep**2 if self.modality.structured_pruning == "channels"
-                                                         else keep)
+        recovery = (int(config.prune.recovery_epochs) * self.macs_kept(config)
                     if config.prune.method == "structured" else 0.0)
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
         self.screen(gmacs, deadline, what="fine-tuning", batch_size=cfg.batch_size, reserve_epochs=recovery)
@@ -141,20 +136,29 @@ class TrainingSteps:
         Two such trials of the glyph benchmark spent 17-18 s each extracting features first."""
         if not self.step_seconds_per_gmac:
             return
-        structured = config.prune.method == "structured" and (self.modality.structured_pruning == "channels"
-                                                               or config.prune.target == "width")
+        structured = self.recovers(config)
         if config.train.mode != "full" and not structured:
             return
         model = ExportModel(parts.trunk, parts.tail, torch.nn.Identity())
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
-        keep = 1.0 - float(config.prune.amount or 0.0)
-        shrink = keep**2 if self.modality.structured_pruning == "channels" else keep  # MACs left, at best
         if config.train.mode == "full":
-            self.screen(gmacs, deadline, what="fine-tuning",
-                        reserve_epochs=int(config.prune.recovery_epochs or 0) * shrink if structured else 0.0)
+            recovery = int(config.prune.recovery_epochs) * self.macs_kept(config) if structured else 0.0
+            self.screen(gmacs, deadline, what="fine-tuning", reserve_epochs=recovery)
         else:
-            self.screen(gmacs * shrink, deadline, what="pruning recovery", reserve_epochs=1 / 3,
+            self.screen(gmacs * self.macs_kept(config), deadline, what="pruning recovery", reserve_epochs=1 / 3,
                         reserve_s=PROBE_FIT_S)
+
+    def recovers(self, config: TrialConfig) -> bool:
+        """Whether the configuration's pruning is followed by recovery epochs: structured pruning of conv
+        channels, or of a transformer's attention heads and MLP width (dropping layers is not)."""
+        return config.prune.method == "structured" and (self.modality.structured_pruning == "channels"
+                                                          or config.prune.target == "width")
+
+    def macs_kept(self, config: TrialConfig) -> float:
+        """The fraction of MACs a structured pruning of ``prune.amount`` leaves, at best: channels cut both
+        sides of a conv, heads and MLP width one side of each projection."""
+        keep = 1.0 - float(config.prune.amount or 0.0)
+        return keep**2 if self.modality.structured_pruning == "channels" else keep
 
     def screen(self, gmacs: float, deadline: Deadline, *, what: str, batch_size: int = 32,
                reserve_epochs: float = 0.0, reserve_s: float = 0.0) -> None:
@@ -177,8 +181,7 @@ class TrainingSteps:
         """Apply the trial's pruning to ``model`` in place; return the fraction of zero weights and
         the parameters a rebuild of the pruned architecture needs."""
         prune = config.prune
-        if prune.method == "structured" and (self.modality.structured_pruning == "channels"
-                                              or prune.target == "width"):
+        if self.recovers(config):
             example = self.modality.encode(self.splits.train.examples[:1], preprocessing=prep)
             _, heads = prune_structure(model, kind=self.modality.structured_pruning, amount=float(prune.amount),
                                        example=example)
