@@ -45,7 +45,7 @@ def test_unstructured_pruning_joins_the_space_with_a_size_limit_or_when_named() 
     assert named.prune__method == ("none", "unstructured")
 
 
-def test_the_image_backbones_form_one_ensemble_offered_after_their_probes() -> None:
+def test_the_image_backbones_form_one_ensemble_offered_after_their_probes_and_before_fine_tuning() -> None:
     registry, modality = BackboneRegistry(), ImageModality()
     names = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert ensemble_of(names, modality, registry) == ["+".join(names)]
@@ -53,8 +53,13 @@ def test_the_image_backbones_form_one_ensemble_offered_after_their_probes() -> N
     space = SearchSpace.from_options(backbones=names, ensembles=ensemble_of(names, modality, registry))
     configs = warm_start_configs(space, modality, registry, modality.warm_start_variants(registry.get(names[0])))
     order = [c["backbone"] for c in configs]
-    assert order[-1] == "+".join(names) and {"efficientnet_lite1", "efficientnet_lite2"} <= set(order[:-1])
-    assert any(c["train__mode"] == "full" for c in configs)
+    # every probe first, the ensemble last of them (it reuses their features), the costly fine-tuning last
+    assert [c["train__mode"] for c in configs] == ["probe"] * (len(configs) - 1) + ["full"]
+    assert order[-2] == "+".join(names) and {"efficientnet_lite1", "efficientnet_lite2"} <= set(order[:-2])
+    assert configs[-1]["backbone"] == "efficientnet_lite0"
+    without = SearchSpace.from_options(backbones=names, options={"train__mode": ["probe", "finetune"]})
+    assert all(c["train__mode"] == "probe" for c in warm_start_configs(
+        without, modality, registry, modality.warm_start_variants(registry.get(names[0]))))
 
 
 def test_an_ensemble_trial_exports_one_model_that_serves_what_it_measured(image_folder, tmp_path) -> None:
