@@ -120,6 +120,23 @@ def test_timing_stops_at_its_time_budget_once_it_has_its_fewest_calls() -> None:
     assert len(time_calls(slow, dataclasses.replace(plan, min_runs=2))) == 2 and len(calls) == 3
 
 
+def test_the_serving_batch_is_timed_once_when_one_call_outlasts_its_second() -> None:
+    import time
+
+    from lepton_automl.cost.latency import time_calls
+    from lepton_automl.cost.measurement import SERVING_PLAN
+
+    calls = []
+
+    def call(seconds: float) -> None:
+        calls.append(seconds)
+        time.sleep(seconds)
+
+    assert len(time_calls(lambda: call(1.05), SERVING_PLAN)) == 1 and len(calls) == 2  # warm-up + one
+    calls.clear()
+    assert len(time_calls(lambda: call(0.02), SERVING_PLAN)) == 3 and len(calls) == 4  # fast: three
+
+
 def test_a_checked_batch_is_the_warm_up_of_its_shape(tmp_path) -> None:
     """A trunk entry's check runs a serving-size batch through the timing session; timing that shape
     then makes no warm-up call of its own, while a shape the session has not run is warmed up."""
