@@ -24,7 +24,11 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from hand_probe import content_digest  # benchmarks/, beside this script
+from lepton_automl.data.split import split_data
 from lepton_automl.search.engine import quiet_optuna, search
+from lepton_image import ImageModality
+from lepton_text import TextModality
 
 HERE = Path(__file__).parent
 OUT = HERE / "results"
@@ -37,6 +41,13 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0)
     args = parser.parse_args()
     quiet_optuna()
+    hand = json.loads((OUT / f"hand_probe_{args.set}.json").read_text())
+    splits = split_data((TextModality() if args.data.endswith((".csv", ".jsonl", ".tsv", ".parquet"))
+                         else ImageModality()).load(args.data), validation=0.2, test=0.2, seed=0)
+    if hand.get("data_digest") != content_digest(splits):
+        raise SystemExit(f"hand_probe_{args.set}.json was computed on other data than {args.data} (the sets are "
+                         "rebuilt from this machine's files). Rerun the baseline first: python benchmarks/hand_probe.py "
+                         f"--data {args.data} --out {OUT / f'hand_probe_{args.set}.json'}")
     work = Path(tempfile.mkdtemp(prefix="lepton-quality-"))
     start = time.time()
     outcome = search(args.data, run_root=work, n_trials=10_000, timeout=args.budget, seed=0)
@@ -61,7 +72,6 @@ def main() -> None:
     probes_all = [durations[t.number] for t in probe_trials]  # features extracted in the trial included
     front = sorted(outcome.front, key=lambda r: r.latency_ms)
     best = max(front, key=lambda r: (r.accuracy, -r.latency_ms))
-    hand = json.loads((OUT / f"hand_probe_{args.set}.json").read_text())
     # best validation (and that point's test) accuracy over wall time, trial by trial
     t0 = min(t.datetime_start for t in trials if t.datetime_start)
     curve, best_val, best_test = [], -1.0, None
