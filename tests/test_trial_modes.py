@@ -132,3 +132,25 @@ def test_lexical_ngrams_join_a_transformer_in_one_exported_ensemble(text_csv, ti
         served = Predictor(materialize(tmp_path / folder, modality=modality, registry=runner.registry)
                            ).logits(list(test.examples))
         assert float((served.argmax(1) == test.labels).mean()) == pytest.approx(result.test_accuracy)
+
+
+def test_a_fine_tuning_keeps_time_for_all_the_pruning_stage_after_it_needs() -> None:
+    """What a full fine-tuning reserves for the pruning after it is what ``prune`` then demands: the
+    recovery epochs and the head refit (a third of an epoch and a probe fit), at the MACs left."""
+    from types import SimpleNamespace
+
+    from lepton_automl.search.training_steps import PROBE_FIT_S, TrainingSteps
+
+    def reserve(modality, **prune):
+        steps = TrainingSteps(SimpleNamespace(modality=modality))
+        return steps.after_fine_tuning(TrialConfig.from_params({
+            "backbone": "b", "train__mode": "full", "train__epochs": 2, "optim__lr": 1e-4, "quant__mode": "none",
+            **{f"prune__{k}": v for k, v in prune.items()}}))
+
+    epochs, seconds = reserve(ImageModality(), method="structured", amount=0.5, recovery_epochs=2)
+    assert epochs == pytest.approx((2 + 1 / 3) * 0.25) and seconds == PROBE_FIT_S  # channels: (1 - 0.5)^2 of the MACs
+    epochs, seconds = reserve(TextModality(), method="structured", amount=0.5, recovery_epochs=1, target="width")
+    assert epochs == pytest.approx((1 + 1 / 3) * 0.5) and seconds == PROBE_FIT_S
+    # nothing to recover: dropping a transformer's layers, or no pruning
+    assert reserve(TextModality(), method="structured", amount=0.5, target="layers") == (0.0, 0.0)
+    assert reserve(ImageModality(), method="none") == (0.0, 0.0)

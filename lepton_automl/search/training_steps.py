@@ -85,15 +85,14 @@ class TrainingSteps:
         cfg = FineTuneConfig(epochs=int(config.train.epochs), lr=float(config.optim.lr),
                              weight_decay=self.weight_decay(config), layer_decay=FULL_FINETUNE_LAYER_DECAY,
                              seed=seed, class_weights=self.runner.class_weights_for_training())
-        # Recovery after structured pruning comes later in the same trial: keep its time free, in epochs
-        # of this size (a pruned epoch costs the MACs that are left).
-        recovery = (int(config.prune.recovery_epochs) * self.macs_kept(config)
-                    if config.prune.method == "structured" else 0.0)
+        # Pruning with recovery comes later in the same trial: keep its time free (``after_fine_tuning``).
+        later_epochs, later_s = self.after_fine_tuning(config)
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
-        self.screen(gmacs, deadline, what="fine-tuning", batch_size=cfg.batch_size, reserve_epochs=recovery)
+        self.screen(gmacs, deadline, what="fine-tuning", batch_size=cfg.batch_size, reserve_epochs=later_epochs,
+                    reserve_s=later_s)
         per_epoch = self.epoch_seconds(model, prep, cfg.batch_size, gmacs=gmacs)
-        fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline, reserve=per_epoch * recovery,
-                               what="fine-tuning")
+        fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline,
+                               reserve=per_epoch * later_epochs + later_s, what="fine-tuning")
 
         def after_epoch(epoch: int, accuracy: float | None) -> None:
             # Full fine-tuning often dips in its first epochs (the pretrained features are disturbed
@@ -142,11 +141,21 @@ class TrainingSteps:
         model = ExportModel(parts.trunk, parts.tail, torch.nn.Identity())
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
         if config.train.mode == "full":
-            recovery = int(config.prune.recovery_epochs) * self.macs_kept(config) if structured else 0.0
-            self.screen(gmacs, deadline, what="fine-tuning", reserve_epochs=recovery)
+            epochs, seconds = self.after_fine_tuning(config)
+            self.screen(gmacs, deadline, what="fine-tuning", reserve_epochs=epochs, reserve_s=seconds)
         else:
             self.screen(gmacs * self.macs_kept(config), deadline, what="pruning recovery", reserve_epochs=1 / 3,
                         reserve_s=PROBE_FIT_S)
+
+    def after_fine_tuning(self, config: TrialConfig) -> tuple[float, float]:
+        """What the pruning stage after a full fine-tuning will need, as (epochs of the unpruned model,
+        seconds): the recovery epochs and the head refit that ``prune`` keeps time for (a third of an
+        epoch and a probe fit), at the MACs the pruning leaves. Reserving the recovery epochs alone let
+        a glyph trial fine-tune for 61 s and then find 13 s left for a 26-s recovery epoch: not started,
+        the whole trial lost."""
+        if not self.recovers(config):
+            return 0.0, 0.0
+        return (int(config.prune.recovery_epochs) + 1 / 3) * self.macs_kept(config), PROBE_FIT_S
 
     def recovers(self, config: TrialConfig) -> bool:
         """Whether the configuration's pruning is followed by recovery epochs: structured pruning of conv
