@@ -45,9 +45,9 @@ def main() -> None:
     splits = split_data((TextModality() if args.data.endswith((".csv", ".jsonl", ".tsv", ".parquet"))
                          else ImageModality()).load(args.data), validation=0.2, test=0.2, seed=0)
     if hand.get("data_digest") != content_digest(splits):
-        raise SystemExit(f"hand_probe_{args.set}.json was computed on other data than {args.data} (the sets are "
-                         "rebuilt from this machine's files). Rerun the baseline first: python benchmarks/hand_probe.py "
-                         f"--data {args.data} --out {OUT / f'hand_probe_{args.set}.json'}")
+        raise SystemExit(f"hand_probe_{args.set}.json was computed on other data than {args.data} (the sets "
+                         "are rebuilt from this machine's files). Rerun the baseline first: python "
+                         f"benchmarks/hand_probe.py --data {args.data} --out {OUT / f'hand_probe_{args.set}.json'}")
     work = Path(tempfile.mkdtemp(prefix="lepton-quality-"))
     start = time.time()
     outcome = search(args.data, run_root=work, n_trials=10_000, timeout=args.budget, seed=0)

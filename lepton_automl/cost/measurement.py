@@ -54,7 +54,8 @@ class Measurement:
 # 0.55-1.05 s through the three-backbone ensemble (the old plans, up to ten calls, then six, then at
 # least two, spent 1-3.6 s of a new trunk entry on it, then 2.1 s of the ensemble's on a slower
 # machine: more than its export and check together). A call of a second or more is long beside the
-# timer's resolution and the scheduler's jitter; what is left, the machine's drift, one more call would not average out.
+# timer's resolution and the scheduler's jitter; the machine's drift, which is what is left, one more
+# call would not average out.
 SERVING_PLAN = TimingPlan(warmup=1, round_runs=3, max_rounds=1, max_seconds=1.0, min_runs=1)
 
 
