@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from lepton_automl.search.objective import TrialRunner
 
 PROBE_FIT_S = 5.0  # a cross-validated probe fit on a trial's features, at most (measured 1-5 s on 2 cores)
+# The head refit after recovery: a forward pass over the training split (about a third of a training
+# epoch) and a probe fit. What the pruning stage, its screen and a fine-tuning before it keep time for.
+REFIT_EPOCHS, REFIT_S = 1 / 3, PROBE_FIT_S
 
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configuration names none
 # Layer-wise learning-rate decay for full fine-tuning (ELECTRA and BEiT use 0.65-0.9).
@@ -144,8 +147,8 @@ class TrainingSteps:
             epochs, seconds = self.after_fine_tuning(config)
             self.screen(gmacs, deadline, what="fine-tuning", reserve_epochs=epochs, reserve_s=seconds)
         else:
-            self.screen(gmacs * self.macs_kept(config), deadline, what="pruning recovery", reserve_epochs=1 / 3,
-                        reserve_s=PROBE_FIT_S)
+            self.screen(gmacs * self.macs_kept(config), deadline, what="pruning recovery",
+                        reserve_epochs=REFIT_EPOCHS, reserve_s=REFIT_S)
 
     def after_fine_tuning(self, config: TrialConfig) -> tuple[float, float]:
         """What the pruning stage after a full fine-tuning will need, as (epochs of the unpruned model,
@@ -155,7 +158,7 @@ class TrainingSteps:
         the whole trial lost."""
         if not self.recovers(config):
             return 0.0, 0.0
-        return (int(config.prune.recovery_epochs) + 1 / 3) * self.macs_kept(config), PROBE_FIT_S
+        return (int(config.prune.recovery_epochs) + REFIT_EPOCHS) * self.macs_kept(config), REFIT_S
 
     def recovers(self, config: TrialConfig) -> bool:
         """Whether the configuration's pruning is followed by recovery epochs: structured pruning of conv
@@ -196,12 +199,11 @@ class TrainingSteps:
                                        example=example)
             deadline.check("pruning")
             gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
-            # The head refit after recovery is a forward pass over the training split (about a third of
-            # a training step per example) and a probe fit: keep time for it.
-            self.screen(gmacs, deadline, what="pruning recovery", reserve_epochs=1 / 3, reserve_s=PROBE_FIT_S)
+            # Keep time for the head refit after recovery (REFIT_EPOCHS, REFIT_S).
+            self.screen(gmacs, deadline, what="pruning recovery", reserve_epochs=REFIT_EPOCHS, reserve_s=REFIT_S)
             per_epoch = self.epoch_seconds(model, prep, gmacs=gmacs)
             epochs = epochs_that_fit(int(prune.recovery_epochs), per_epoch, deadline, what="pruning recovery",
-                                     reserve=per_epoch / 3.0 + PROBE_FIT_S)
+                                     reserve=per_epoch * REFIT_EPOCHS + REFIT_S)
             self.recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop, gmacs=gmacs)
             self.refit_head(model, prep, seed=seed, deadline=deadline)
             channels = self.modality.structured_pruning == "channels"
