@@ -43,3 +43,44 @@ def test_dynamic_int8_for_matmul_graphs(tmp_path) -> None:
     a, b = _run(fp32, x), _run(q, x)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
     assert q.stat().st_size < fp32.stat().st_size
+
+
+def test_static_int8_weight_scales_match_onnx_runtimes_own(tmp_path) -> None:
+    """``quantize_onnx`` hands ORT precomputed per-channel weight scales (``conv_weight_scales``); the
+    file must be the one ORT writes computing them itself: same initializers, same outputs. The model
+    has a grouped (depthwise) convolution and an all-zero output channel, whose scale ORT sets to 1."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from lepton_automl.compression.quantization import _Reader, conv_weight_scales
+
+    gen = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        torch.nn.ReLU6(), torch.nn.Conv2d(8, 12, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        model[4].weight[3].zero_()
+    x = torch.rand(48, 3, 12, 12, generator=gen).numpy()
+    fp32 = export_onnx(model, {"x": x[:1]}, tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}},
+                       output_names=("features",))
+    feeds = [{"x": x[i : i + 8]} for i in range(0, 32, 8)]
+    ours = quantize_onnx(fp32, tmp_path / "ours.onnx", calibration=feeds)
+
+    quant_pre_process(str(fp32), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
+    scales = conv_weight_scales(tmp_path / "pre.onnx")
+    assert len(scales) == 3 and float(scales[next(reversed(scales))][3]["scale"]) == 1.0
+    quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "ort.onnx"), _Reader(feeds),
+                    quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=None)
+
+    def initializers(path):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    a, b = initializers(ours), initializers(tmp_path / "ort.onnx")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    assert np.array_equal(_run(ours, x), _run(tmp_path / "ort.onnx", x))
