@@ -60,7 +60,7 @@ class Standardize(nn.Module):
 
 
 
-ENSEMBLE_SEP = "+"  # "efficientnet_lite0+efficientnet_lite1": a probe on both backbones' features
+ENSEMBLE_SEP = "+"  # "efficientnet_lite0+efficientnet_lite1": one head on both backbones' features
 
 
 def ensemble_members(backbone: str) -> list[str]:
@@ -69,9 +69,10 @@ def ensemble_members(backbone: str) -> list[str]:
 
 
 class ConcatTrunk(nn.Module):
-    """Several frozen trunks on the same inputs, their pooled features side by side: one linear probe
-    over all of them is an ensemble at the price of running every member (measured on the artifact).
-    Each member must return a 1-tuple of ``(batch, features)`` (a trunk cut with ``finetune_blocks=0``)."""
+    """Several trunks on the same inputs, their pooled features side by side: one linear probe over all
+    of them is an ensemble at the price of running every member (measured on the artifact). A full
+    fine-tuning trains them together under that head (``search.space.trains_as_one``). Each member must
+    return a 1-tuple of ``(batch, features)`` (a trunk cut with ``finetune_blocks=0``)."""
 
     def __init__(self, trunks: Sequence[nn.Module]) -> None:
         super().__init__()

@@ -79,9 +79,10 @@ def test_an_ensemble_trial_exports_one_model_that_serves_what_it_measured(image_
     with torch.no_grad():
         rebuilt = rebuild_model(tmp_path / "two")(torch.from_numpy(feeds["pixel_values"])).numpy()
     np.testing.assert_allclose(served, rebuilt, atol=1e-3, rtol=1e-3)
-    with pytest.raises(ConfigError, match="ensemble of frozen trunks"):
-        runner.evaluate({"backbone": ENSEMBLE, **base, "train__mode": "full", "train__epochs": 1,
-                         "optim__lr": 1e-4}, trial_dir=tmp_path / "bad", seed=0)
+    for bad in ({"train__mode": "finetune", "train__blocks": 1, "train__epochs": 1, "optim__lr": 1e-4},
+                {"prune__method": "structured", "prune__amount": 0.3}):
+        with pytest.raises(ConfigError, match="is an ensemble: it takes train__mode='probe' or 'full'"):
+            runner.evaluate({"backbone": ENSEMBLE, **base, **bad}, trial_dir=tmp_path / "bad", seed=0)
 
 
 def test_full_fine_tuning_predicts_its_time_and_serves_what_it_measured(text_csv, tiny_bert_dir, tmp_path) -> None:
@@ -132,6 +133,49 @@ def test_lexical_ngrams_join_a_transformer_in_one_exported_ensemble(text_csv, ti
         served = Predictor(materialize(tmp_path / folder, modality=modality, registry=runner.registry)
                            ).logits(list(test.examples))
         assert float((served.argmax(1) == test.labels).mean()) == pytest.approx(result.test_accuracy)
+
+
+def test_a_transformer_fine_tunes_whole_with_fixed_ngram_features_beside_it(text_csv, tiny_bert_dir, tmp_path) -> None:
+    """An ensemble with one trainable member (a transformer beside hashed n-grams) is offered full
+    fine-tuning, the warm start's, from the probe on both blocks; the export holds both members and
+    serves what it scored, and rebuilds from its weights."""
+    import optuna
+
+    from lepton_automl.backbones import BackboneCard
+    from lepton_automl.search.space import suggest, trains_as_one
+
+    modality = TextModality()
+    runner = _tiny_text_runner(modality, text_csv, tiny_bert_dir, tmp_path)
+    registry = runner.registry
+    registry.register(BackboneCard(name="ngrams", ref="lexical:hashed-ngrams", modality="text",
+                                   weights=f"local-dir:{tiny_bert_dir}", build_kwargs={"buckets": 256}))
+    assert trains_as_one("tiny+ngrams", modality, registry)
+    assert not trains_as_one(ENSEMBLE, ImageModality(), BackboneRegistry())  # two trunks to train
+    space = SearchSpace.from_options(backbones=["tiny", "ngrams"], ensembles=["tiny+ngrams"])
+    last = warm_start_configs(space, modality, registry, modality.warm_start_variants(registry.get("tiny")))[-1]
+    assert last["backbone"] == "tiny+ngrams" and last["train__mode"] == "full"
+    drawn = [suggest(optuna.trial.FixedTrial({"backbone": "tiny+ngrams", "data__max_length": 32,
+                                               "train__mode": mode, "train__epochs": 2, "optim__lr": 1e-4,
+                                               "optim__weight_decay": 0.01, "quant__mode": "none"}),
+                     space, modality, registry) for mode in ("full", "finetune")]
+    assert drawn[0]["train__mode"] == "full" and drawn[0]["prune__method"] == "none"
+    assert drawn[1]["train__mode"] == "probe"  # partial fine-tuning is not an ensemble's
+
+    params = {"backbone": "tiny+ngrams", "data__max_length": 32, "train__mode": "full", "train__epochs": 2,
+              "optim__lr": 1e-3, "optim__weight_decay": 0.01, "prune__method": "none", "quant__mode": "none"}
+    result = runner.evaluate(params, trial_dir=tmp_path / "whole", seed=0)
+    assert result.extra["epochs_run"] == 2 and result.accuracy == pytest.approx(max(result.extra["validation_curve"]))
+    meta = load_metadata(tmp_path / "whole")
+    assert [m["name"] for m in meta["members"]] == ["tiny", "ngrams"]
+    test = runner.splits.test
+    predictor = Predictor(tmp_path / "whole")
+    served = predictor.logits(list(test.examples))
+    assert float((served.argmax(1) == test.labels).mean()) == pytest.approx(result.test_accuracy)
+    feeds = modality.encode(list(test.examples), preprocessing=predictor.preprocessing)
+    with torch.no_grad():
+        rebuilt = rebuild_model(tmp_path / "whole", registry=registry)(
+            *[torch.from_numpy(feeds[n]) for n in modality.input_names()]).numpy()
+    np.testing.assert_allclose(served, rebuilt, atol=1e-3, rtol=1e-3)
 
 
 def test_a_fine_tuning_keeps_time_for_all_the_pruning_stage_after_it_needs() -> None:

@@ -98,9 +98,9 @@ class TrialConfig:
             raise ConfigError(f"train__mode={self.train.mode!r} needs train__epochs >= 1 and optim__lr.")
         if self.train.mode == "finetune" and self.train.blocks < 1:
             raise ConfigError("train__mode='finetune' needs train__blocks >= 1 (or use 'full' for every layer).")
-        if len(self.members) > 1 and (self.train.mode != "probe" or self.prune.method != "none"):
-            raise ConfigError(f"Backbone {self.backbone!r} is an ensemble of frozen trunks: it takes "
-                              "train__mode='probe' and prune__method='none' only.")
+        if len(self.members) > 1 and (self.train.mode == "finetune" or self.prune.method != "none"):
+            raise ConfigError(f"Backbone {self.backbone!r} is an ensemble: it takes train__mode='probe' or "
+                              "'full' (every layer of every member, from the probe), and prune__method='none'.")
         if self.prune.method != "none" and not 0.0 < float(self.prune.amount) < 1.0:
             raise ConfigError(f"prune__amount must be in (0, 1) when pruning; got {self.prune.amount}.")
 

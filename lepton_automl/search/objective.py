@@ -200,11 +200,13 @@ class TrialRunner:
         stages.plan("features", "training", "pruning", "export and quantization", "scoring", "measurement")
         self.steps.screen_trial(config, parts, latency_input, deadline)  # before its features are extracted
 
-        cached = concat_features([self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)])
+        each = [self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)]
+        cached = concat_features(each)
         deadline.check(stages.done("features"))
         own_start = time.perf_counter()
+        blocks = [int(c.arrays["train"][0].shape[1]) for c in each] if len(each) > 1 else None
         model, info = self._train(config, parts, cached, prep, seed=seed, deadline=deadline, stop=stop,
-                                         latency_input=latency_input)
+                                  latency_input=latency_input, blocks=blocks)
         deadline.check(stages.done("training"))
         zeros, rebuild = self.steps.prune(model, config, prep, seed=seed, deadline=deadline, stop=stop,
                                      latency_input=latency_input)
@@ -282,15 +284,17 @@ class TrialRunner:
 
     def _train(self, config: TrialConfig, parts: ModelParts, cached: CachedArrays, prep: Mapping[str, Any], *,
                seed: int, deadline: Deadline, stop: StopCheck | None,
-               latency_input: Mapping[str, np.ndarray]) -> tuple[ExportModel, dict[str, Any]]:
-        """The trained model and what to record about its training."""
+               latency_input: Mapping[str, np.ndarray], blocks: list[int] | None = None,
+               ) -> tuple[ExportModel, dict[str, Any]]:
+        """The trained model and what to record about its training. ``blocks``: an ensemble's members'
+        feature widths, each block scaled on its own in the probe it starts from, as in its probe trial."""
         train_inputs = cached.arrays["train"]
         labels = self.splits.train.labels
         weights = self.class_weights_for_training()
         num_classes = len(self.splits.classes)
         features = (np.asarray(train_inputs[0]) if config.finetune_blocks == 0
                     else tail_features(parts.tail, train_inputs))
-        head = select_probe(features, labels, num_classes, seed=seed, class_weights=weights).head
+        head = select_probe(features, labels, num_classes, seed=seed, class_weights=weights, blocks=blocks).head
         model = ExportModel(parts.trunk, parts.tail, head)
         info: dict[str, Any] = {}
         if config.train.mode == "full":
