@@ -104,6 +104,31 @@ def test_fine_tuning_is_seeded_leaves_the_global_rng_alone_and_keeps_the_best_ep
     assert not any(p.requires_grad for p in first.parameters()) and not first.training
 
 
+def test_fine_tuning_ends_where_the_caller_says_keeping_the_best_epoch_so_far(image_folder) -> None:
+    """``after_epoch`` returning True ends training after that epoch (a trial's time ran short), and
+    the best epoch so far is what the model holds; the search's check says whether one more fits."""
+    import time
+
+    from lepton_automl.search.budget import AFTER_TRAINING_S, another_epoch_fits
+    from lepton_automl.search.limits import Deadline
+
+    modality = ImageModality()
+    splits = split_data(modality.load(image_folder), seed=0)
+    prep = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"}
+    torch.manual_seed(0)
+    model = _model(3)
+    seen: list[int] = []
+    log = fine_tune(model, modality, splits.train, prep, FineTuneConfig(epochs=4, lr=3e-3, batch_size=8, seed=7),
+                    validation=splits.validation, after_epoch=lambda epoch, _: seen.append(epoch) or epoch == 2)
+    assert seen == [1, 2] and len(log.curve) == 2 and len(log.seconds_per_epoch) == 2
+    assert evaluate_accuracy(model, modality, splits.validation, prep) == pytest.approx(max(log.curve))
+
+    deadline = Deadline(time.perf_counter(), limit=AFTER_TRAINING_S + 100.0)
+    assert another_epoch_fits(50.0, deadline) and not another_epoch_fits(150.0, deadline)
+    assert not another_epoch_fits(50.0, deadline, reserve=60.0)  # time kept for what follows (pruning)
+    assert another_epoch_fits(1e9, Deadline(time.perf_counter(), limit=None))
+
+
 def test_timing_a_training_step_changes_nothing(image_folder) -> None:
     from lepton_automl.training.finetune import time_training_step
 

@@ -17,7 +17,8 @@ from lepton_automl.compression.pruning import prune_unstructured, zero_fraction
 from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.macs import count_macs
 from lepton_automl.interfaces import ExportModel, ModelParts
-from lepton_automl.search.budget import epochs_that_fit
+from lepton_automl.log import get_logger
+from lepton_automl.search.budget import another_epoch_fits, epochs_that_fit
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import StopCheck
 from lepton_automl.search.limits import Deadline
@@ -27,6 +28,8 @@ from lepton_automl.training.trainer import tail_features
 
 if TYPE_CHECKING:
     from lepton_automl.search.objective import TrialRunner
+
+logger = get_logger(__name__)
 
 PROBE_FIT_S = 5.0  # a cross-validated probe fit on a trial's features, at most (measured 1-5 s on 2 cores)
 # The head refit after recovery: a forward pass over the training split (about a third of a training
@@ -97,12 +100,18 @@ class TrainingSteps:
         fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline,
                                reserve=per_epoch * later_epochs + later_s, what="fine-tuning")
 
-        def after_epoch(epoch: int, accuracy: float | None) -> None:
+        def after_epoch(epoch: int, accuracy: float | None) -> bool:
             # Full fine-tuning often dips in its first epochs (the pretrained features are disturbed
             # before they adapt: 0.29 after epoch 1 of 2 from a 0.46 probe on the glyph set), so it is
             # judged only from the second half of its epochs on.
             if stop is not None and accuracy is not None and epoch >= fits / 2:
                 stop(stage="fine-tuning", epoch=epoch, epochs_left=fits - epoch, accuracy=accuracy, gmacs=gmacs)
+            pace = (time.perf_counter() - begin) / epoch
+            if another_epoch_fits(pace, deadline, reserve=pace * later_epochs + later_s):
+                return False
+            logger.info("fine-tuning: epochs took %.0f s (predicted %.0f s); another would not finish in the "
+                        "trial's time, so it ends after epoch %d of %d", pace, per_epoch, epoch, fits)
+            return True
 
         cfg = dataclasses.replace(cfg, epochs=fits)
         begin = time.perf_counter()
@@ -111,7 +120,8 @@ class TrainingSteps:
                         after_batch=lambda epoch: deadline.check(f"fine-tuning epoch {epoch}"),
                         after_epoch=after_epoch, progress=self.runner.progress)
         measured = (time.perf_counter() - begin) / max(1, len(log.seconds_per_epoch))
-        return {"predicted_epoch_s": per_epoch, "measured_epoch_s": measured, "epochs_run": fits,
+        return {"predicted_epoch_s": per_epoch, "measured_epoch_s": measured,
+                "epochs_run": len(log.seconds_per_epoch),
                 "best_epoch": log.best_epoch, "validation_curve": log.curve,
                 "train_cost_ratio": measured * (self.runner.train_cost_ratio or 1.0) / max(per_epoch, 1e-9)}
 

@@ -95,14 +95,15 @@ def fine_tune(
     *,
     validation: LabelledData | None = None,
     after_batch: Callable[[int], None] | None = None,
-    after_epoch: Callable[[int, float | None], None] | None = None,
+    after_epoch: Callable[[int, float | None], bool | None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     accel: Accelerator = CPU,
 ) -> FineTuneLog:
     """Train ``model`` (in place, every parameter) on ``data``; return the validation curve.
 
     ``after_batch(epoch)`` runs after each step (deadline checks; it may raise to stop),
-    ``after_epoch(epoch, validation_accuracy)`` after each epoch but the last (early stopping).
+    ``after_epoch(epoch, validation_accuracy)`` after each epoch but the last (early stopping: it may
+    raise; or it returns True to end training there, keeping the best epoch so far).
     On a CUDA ``accel`` the model trains there (mixed precision, channels-last, decoded data kept in
     memory when it fits) and comes back to the device it came from. A step that runs out of GPU
     memory is retried in halves with gradient accumulation, so ``cfg.batch_size`` (a hyperparameter)
@@ -119,7 +120,8 @@ def fine_tune(
 
 def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any],
                cfg: FineTuneConfig, *, validation: LabelledData | None,
-               after_batch: Callable[[int], None] | None, after_epoch: Callable[[int, float | None], None] | None,
+               after_batch: Callable[[int], None] | None,
+               after_epoch: Callable[[int, float | None], bool | None] | None,
                progress: Callable[[str, int, int], None] | None, accel: Accelerator) -> FineTuneLog:
     """``fine_tune`` on a model already on ``accel``'s device."""
     import time
@@ -223,8 +225,8 @@ def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preproc
                     best_state = copy.deepcopy(model.state_dict())
             accel.synchronize()
             log.seconds_per_epoch.append(time.perf_counter() - start)
-            if after_epoch is not None and epoch < cfg.epochs:
-                after_epoch(epoch, accuracy)
+            if after_epoch is not None and epoch < cfg.epochs and after_epoch(epoch, accuracy):
+                break  # the caller ends training here (its time): the best epoch so far is kept
     if best_state is not None and log.best_epoch != cfg.epochs:
         model.load_state_dict(best_state)
         logger.info("kept epoch %d of %d (validation accuracy %.4f)", log.best_epoch, cfg.epochs, best_acc)
