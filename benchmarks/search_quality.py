@@ -107,6 +107,8 @@ def main() -> None:
         "failed": outcome.failed, "stopped": outcome.stopped, "repeats": outcome.repeats,
         "trial_seconds": {str(k): round(v, 1) for k, v in durations.items()},
         "trial_params": {str(t.number): config(t) for t in trials},
+        # each completed trial's [validation accuracy (the objective), test accuracy, latency ms]
+        "trial_values": {str(t.number): [t.values[0], t.user_attrs.get("test_accuracy"), t.values[1]] for t in done},
         "trial_stage_seconds": {str(t.number): t.user_attrs["stage_seconds"] for t in trials
                                 if t.user_attrs.get("stage_seconds")},
     }
@@ -115,7 +117,7 @@ def main() -> None:
     results = [r for r in results if r["set"] != args.set] + [entry]
     path.write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps({k: v for k, v in entry.items() if k not in ("curve", "trial_seconds", "trial_params",
-                                                                   "trial_stage_seconds")},
+                                                                   "trial_stage_seconds", "trial_values")},
                      indent=2, default=str))
     try:
         import matplotlib
