@@ -43,6 +43,21 @@ def test_latency_is_predicted_only_from_trials_of_the_same_quantization() -> Non
     assert check.would_stop is None
 
 
+def test_a_trial_that_cannot_reach_the_usefulness_floor_is_stopped_however_fast() -> None:
+    # Faster than anything on the front (it would join it), but 0.15 + 0.01 + 2 x 0.02 = 0.20 stays
+    # under the floor: below it the trial is infeasible (the "above_chance" constraint).
+    check = StopCheck(rule=EarlyStopping(), points=lambda: [FAST_GOOD], backbone="a", quant="none", floor=0.2125)
+    with pytest.raises(TrialStopped, match=r"at best 0.2000 after 2 more epochs\) cannot reach 0.2125"):
+        check(stage="pruning recovery", epoch=1, epochs_left=2, accuracy=0.15, gmacs=0.01)
+    # No finished trial to compare with is no reason to go on below the floor either.
+    with pytest.raises(TrialStopped, match="cannot reach 0.2125"):
+        StopCheck(rule=EarlyStopping(), points=lambda: [], backbone="a", quant="none", floor=0.2125)(
+            stage="fine-tuning", epoch=1, epochs_left=1, accuracy=0.1, gmacs=0.01)
+    going = StopCheck(rule=EarlyStopping(), points=lambda: [FAST_GOOD], backbone="a", quant="none", floor=0.2125)
+    going(stage="pruning recovery", epoch=1, epochs_left=3, accuracy=0.15, gmacs=0.01)  # 0.22: it may still
+    assert going.would_stop is None
+
+
 def test_dry_run_records_when_it_would_stop_without_stopping() -> None:
     before = time.perf_counter()
     check = _check([FAST_GOOD], rule=EarlyStopping(dry_run=True))

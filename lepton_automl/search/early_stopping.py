@@ -6,7 +6,9 @@ pruning-recovery epochs) it measures its validation accuracy after each epoch; o
 architecture is fixed its latency is predictable from its MACs. The trial is stopped when a
 completed, feasible trial of the study is at least as fast as the trial's *optimistic* latency and
 at least as accurate as its *optimistic* accuracy: no amount of further training could put it on
-the front. Both estimates lean towards keeping a trial:
+the front. A trial is also stopped when its optimistic accuracy cannot reach the usefulness floor
+(``limits.usefulness_floor``): below it a trial is infeasible, never on the front however fast it is.
+Both estimates lean towards keeping a trial:
 
 - optimistic accuracy = measured accuracy + ``noise`` + ``headroom_per_epoch`` x epochs still to run
   (including any pruning-recovery epochs that follow fine-tuning), capped at 1;
@@ -85,6 +87,9 @@ class StopCheck:
     points: Callable[[], Sequence[FrontPoint]]
     backbone: str
     quant: str
+    # The accuracy a trial needs to be feasible at all (``limits.usefulness_floor``, the "above_chance"
+    # constraint): one whose optimistic accuracy stays below it can never reach the front, however fast.
+    floor: float | None = None
     started: float = field(default_factory=time.perf_counter)
     curve: list[tuple[str, int, float]] = field(default_factory=list)
     would_stop: tuple[float, str] | None = None
@@ -102,18 +107,23 @@ class StopCheck:
         self.curve.append((stage, epoch, round(float(accuracy), 5)))
         if epochs_left <= 0 or self.would_stop is not None:
             return
-        points = list(self.points())
-        latency = self.latency_estimate(gmacs, points, macs_ratio)
-        if latency is None:
-            return
         optimistic = min(1.0, accuracy + self.rule.noise + self.rule.headroom_per_epoch * epochs_left)
-        better = [p for p in points if p.latency_ms <= latency and p.accuracy >= optimistic]
-        if not better:
-            return
-        best = max(better, key=lambda p: p.accuracy)
-        reason = (f"{stage} epoch {epoch}: validation accuracy {accuracy:.4f} (at best {optimistic:.4f} after "
-                  f"{epochs_left} more epochs) at about {latency:.3g} ms cannot reach the front: trial "
-                  f"{best.number} has {best.accuracy:.4f} at {best.latency_ms:.3g} ms")
+        at_best = f"validation accuracy {accuracy:.4f} (at best {optimistic:.4f} after {epochs_left} more epochs)"
+        if self.floor is not None and optimistic < self.floor:
+            reason = (f"{stage} epoch {epoch}: {at_best} cannot reach {self.floor:.4f}, the least accuracy a "
+                      "recommendable model needs on this data (a tenth of the way from always predicting "
+                      "the most common class to perfect)")
+        else:
+            points = list(self.points())
+            latency = self.latency_estimate(gmacs, points, macs_ratio)
+            if latency is None:
+                return
+            better = [p for p in points if p.latency_ms <= latency and p.accuracy >= optimistic]
+            if not better:
+                return
+            best = max(better, key=lambda p: p.accuracy)
+            reason = (f"{stage} epoch {epoch}: {at_best} at about {latency:.3g} ms cannot reach the front: "
+                      f"trial {best.number} has {best.accuracy:.4f} at {best.latency_ms:.3g} ms")
         self.would_stop = (time.perf_counter() - self.started, reason)
         if self.rule.dry_run:
             logger.info("early stopping (dry run) would stop here: %s", reason)

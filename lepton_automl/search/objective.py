@@ -129,7 +129,8 @@ class TrialRunner:
         self.train_cost_ratio = float(np.median(ratios)) if ratios else None
         stop = None if self.early_stopping is None else StopCheck(
             rule=self.early_stopping, points=lambda: points_from_study(trial.study),
-            backbone=str(params["backbone"]), quant=str(params.get("quant__mode", "none")))
+            backbone=str(params["backbone"]), quant=str(params.get("quant__mode", "none")),
+            floor=usefulness_floor(self.splits.train.labels))
         clock = StageClock(time.perf_counter())
         try:
             result = self.evaluate(params, trial_dir=self.run_dir / f"trial-{trial.number:04d}",
