@@ -160,6 +160,13 @@ def test_a_transformer_fine_tunes_whole_with_fixed_ngram_features_beside_it(text
                      space, modality, registry) for mode in ("full", "finetune")]
     assert drawn[0]["train__mode"] == "full" and drawn[0]["prune__method"] == "none"
     assert drawn[1]["train__mode"] == "probe"  # partial fine-tuning is not an ensemble's
+    # A single backbone in a probe-only space is still pruned when the sampler says so.
+    probes = SearchSpace.from_options(backbones=["tiny"], options={"train__mode": ["probe"]})
+    single = suggest(optuna.trial.FixedTrial({"backbone": "tiny", "data__max_length": 32, "train__mode": "probe",
+                                              "prune__method": "structured", "prune__amount": 0.3,
+                                              "prune__target": "layers", "quant__mode": "none"}),
+                     probes, modality, registry)
+    assert single["prune__method"] == "structured" and single["train__mode"] == "probe"
 
     params = {"backbone": "tiny+ngrams", "data__max_length": 32, "train__mode": "full", "train__epochs": 2,
               "optim__lr": 1e-3, "optim__weight_decay": 0.01, "prune__method": "none", "quant__mode": "none"}

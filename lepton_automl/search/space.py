@@ -95,8 +95,8 @@ def suggest(trial: Any, space: SearchSpace, modality: Modality, registry: Backbo
     modes = list(space.train__mode) if modality.max_finetune_blocks(card) > 0 else ["probe", "full"]
     if ensemble:  # a probe, or full fine-tuning when that costs about one member's (trains_as_one)
         modes = ["probe", "full"] if trains_as_one(params["backbone"], modality, registry) else ["probe"]
-    # A probe when there is nothing to train: one frozen trunk without weights, or frozen trunks side by side.
-    fixed = not modality.can_fine_tune(card) or modes == ["probe"]
+    # A probe when there is nothing to train: frozen trunks side by side, or one trunk without weights.
+    fixed = modes == ["probe"] if ensemble else not modality.can_fine_tune(card)
     # A parameter that would not change what runs is not drawn: the sampler must not learn from values
     # the trial ignored (and it would draw finished configurations again).
     params["train__mode"] = "probe" if fixed else trial.suggest_categorical("train__mode", list(space.train__mode))

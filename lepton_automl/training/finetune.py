@@ -227,9 +227,10 @@ def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preproc
             log.seconds_per_epoch.append(time.perf_counter() - start)
             if after_epoch is not None and epoch < cfg.epochs and after_epoch(epoch, accuracy):
                 break  # the caller ends training here (its time): the best epoch so far is kept
-    if best_state is not None and log.best_epoch != cfg.epochs:
+    ran = len(log.seconds_per_epoch)
+    if best_state is not None and log.best_epoch != ran:
         model.load_state_dict(best_state)
-        logger.info("kept epoch %d of %d (validation accuracy %.4f)", log.best_epoch, cfg.epochs, best_acc)
+        logger.info("kept epoch %d of %d (validation accuracy %.4f)", log.best_epoch, ran, best_acc)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
