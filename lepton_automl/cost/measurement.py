@@ -48,15 +48,17 @@ class Measurement:
 
 
 # Throughput at the serving batch prices inference; it does not order the front the way batch-1
-# latency does. One warm-up (none when the caller's check already ran a batch of that size through the
-# session: ``OnnxTimer.run``) and the median of up to three timed calls within a second, or the one
-# call that took longer: at 224 px a batch of 32 takes 0.1-0.3 s per call through one backbone and
-# 0.55-1.05 s through the three-backbone ensemble (the old plans, up to ten calls, then six, then at
-# least two, spent 1-3.6 s of a new trunk entry on it, then 2.1 s of the ensemble's on a slower
-# machine: more than its export and check together). A call of a second or more is long beside the
-# timer's resolution and the scheduler's jitter; the machine's drift, which is what is left, one more
-# call would not average out.
-SERVING_PLAN = TimingPlan(warmup=1, round_runs=3, max_rounds=1, max_seconds=1.0, min_runs=1)
+# latency does. Two warm-up calls (one when the caller's check already ran a batch of that size through
+# the session: ``OnnxTimer.run``), then the median of up to three timed calls within a second, or the one
+# call that took longer. ONNX Runtime's first two calls at a new batch size are slow: through the
+# three-backbone ensemble at 224 px, 1.45 s and 1.53 s, then 0.58 s per call; after its check and the
+# batch-1 timing, 1.71 s, then 0.60-0.67 s (efficientnet_lite0: 0.22 s, then 0.17-0.19 s). With one
+# warm-up the ensemble's throughput was timed on its slow second call: 2.8x too low, and so its
+# inference cost 2.8x too high. At 224 px a steady batch of 32 takes 0.15-0.25 s per call through one
+# backbone and about 0.6 s through the ensemble; a call of a second or more is long beside the timer's
+# resolution and the scheduler's jitter, and the machine's drift, which is what is left, one more call
+# would not average out.
+SERVING_PLAN = TimingPlan(warmup=2, round_runs=3, max_rounds=1, max_seconds=1.0, min_runs=1)
 
 
 def measure_artifact(runtime: str | Path | bytes | Any, latency_input: Mapping[str, np.ndarray], *, model: Any,
