@@ -323,6 +323,9 @@ class TrialResult:
     train_seconds: float | None = None
     artifact: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The artifact's logits on the validation split (a probe's out of fold) and on the test split, by
+    # split name: what a blend of trials is chosen on (``search/blend.py``). Not a user attribute.
+    logits: Mapping[str, Any] | None = None
 
     # What ``cost.measurement.measure_artifact`` measures that is a field here rather than an extra.
     MEASURED: ClassVar[tuple[str, ...]] = ("latency_ms", "cost_usd", "latency_p90_ms", "size_mb", "size_gz_mb",
@@ -334,9 +337,9 @@ class TrialResult:
 
     @classmethod
     def from_measured(cls, *, accuracy: float, test_accuracy: float | None, train_seconds: float, artifact: str,
-                      extra: Mapping[str, Any]) -> TrialResult:
+                      extra: Mapping[str, Any], logits: Mapping[str, Any] | None = None) -> TrialResult:
         """The result of a trial whose ``extra`` holds what was measured on its artifact: the fields
         named in ``MEASURED`` are taken out of it."""
         return cls(accuracy=accuracy, test_accuracy=test_accuracy, train_seconds=train_seconds, artifact=artifact,
                    **{k: extra[k] for k in cls.MEASURED},
-                   extra={k: v for k, v in extra.items() if k not in cls.MEASURED})
+                   extra={k: v for k, v in extra.items() if k not in cls.MEASURED}, logits=logits)

@@ -35,7 +35,10 @@ class Recommendation:
 
 
 def describe_config(config: Mapping[str, Any]) -> str:
-    """A trial's configuration in words: 'efficientnet_lite0, 224 px, probe, int8'."""
+    """A trial's configuration in words: 'efficientnet_lite0, 224 px, probe, int8'; a blend's, its members'."""
+    if config.get("blend"):
+        return "blend of " + " + ".join(f"trial {n} x{w:.2f} ({describe_config(m)})" for n, w, m in
+                                        zip(config["blend"], config["weights"], config.get("members") or [{}] * 99))
     parts = [str(config.get("backbone", "?"))]
     if config.get("data__image_size"):
         parts.append(f"{config['data__image_size']} px")

@@ -72,17 +72,19 @@ def _front_table(front: list[Any], recommended: int | None) -> Table:
         table.add_column(col, justify="right" if col not in ("backbone", "training", "compression") else "left")
     for r in front:
         p = r.params
+        mark = " *" if r.number == recommended else ""
+        measured = (f"{r.number}{mark}", f"{r.accuracy:.4f}", _fmt(r.test_accuracy, ".4f"), f"{r.latency_ms:.3f}",
+                    _fmt(r.latency_p90_ms, ".3f"), f"{r.cost_usd:.5f}", _fmt(r.size_mb, ".2f"), _fmt(r.params_m, ".2f"),
+                    _fmt(r.gmacs, ".3f"))
+        if p.get("blend"):  # search/blend.py: its members' averaged probabilities
+            members = " + ".join(f"trial {n} x{w:.2f}" for n, w in zip(p["blend"], p["weights"]))
+            table.add_row(*measured, f"blend of {members}", "-", "members'", "members'")
+            continue
         data = p.get("data__image_size") or p.get("data__max_length")
         train = p.get("train__mode", "probe")
         if train == "finetune":
             train += f" last {p.get('train__blocks')} x{p.get('train__epochs')}ep"
-        mark = " *" if r.number == recommended else ""
-        table.add_row(
-            f"{r.number}{mark}", f"{r.accuracy:.4f}", _fmt(r.test_accuracy, ".4f"), f"{r.latency_ms:.3f}",
-            _fmt(r.latency_p90_ms, ".3f"), f"{r.cost_usd:.5f}", _fmt(r.size_mb, ".2f"), _fmt(r.params_m, ".2f"),
-            _fmt(r.gmacs, ".3f"),
-            str(p.get("backbone")), str(data), train, _compression(p),
-        )
+        table.add_row(*measured, str(p.get("backbone")), str(data), train, _compression(p))
     return table
 
 
@@ -159,6 +161,8 @@ def search(
                                            "their Python code ships with their weights (read that code first)."),
     pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy, latency or knee."),
     keep_all_artifacts: bool = typer.Option(False, help="Keep the model files of trials off the front too."),
+    blend: bool = typer.Option(True, help="When the trials are done, add a blend of the most accurate ones "
+                               "(their averaged probabilities) if it beats them on validation."),
     export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
     png: bool = typer.Option(False, "--png", help="Also draw the front and the history as PNG files."),
     device: str = typer.Option("auto", help=f"Where to extract features and train: {DEVICE_HELP}."),
@@ -189,6 +193,7 @@ def search(
                 hardware_file=hardware_file, keep_all_artifacts=keep_all_artifacts, trial_timeout=trial_timeout, class_weights=class_weights,
                 warm_start_from=warm_start_from, early_stopping=EarlyStopping() if early_stopping else None,
                 progress=progress.features, callbacks=[progress.trial_done], worker=worker, device=accel,
+                blends=blend,
             )
         for number, reason in outcome.failed:
             err.print(f"[yellow]trial {number} failed:[/] {reason}", highlight=False)

@@ -27,6 +27,7 @@ logger = get_logger(__name__)
 
 FORMAT_VERSION = 1
 METADATA = "lepton.json"
+BLEND_KIND = "blend"  # an export folder of several members' exports (``export/blend.py``)
 
 
 def card_to_dict(card: BackboneCard) -> dict[str, Any]:
@@ -186,6 +187,9 @@ def rebuild_model(directory: str | Path, *, registry: Any = None, modalities: An
 
     directory = Path(directory)
     meta = load_metadata(directory)
+    if meta.get("kind") == BLEND_KIND:
+        raise ExportError(f"{str(directory)!r} is a blend of {len(meta['blend'])} models, not one network; "
+                          f"rebuild or compress one of its members instead ({directory}/{meta['blend'][0]['path']}).")
     if "build_fn" in meta["params"]:
         raise ExportError(f"{str(directory)!r} was saved by the Lepton facade; reload it with "
                           "`Lepton.load(path)` and call `.compress(prune=..., quant=...)` on it.")
@@ -233,6 +237,17 @@ class Predictor:
         self.meta = load_metadata(self.directory)
         registry = modalities or PluginRegistry(MODALITIES)
         self.modality = registry.load(self.meta["modality"])()
+        self.members: list[tuple[Predictor, float, float]] = []  # a blend's: (member, weight, temperature)
+        if self.meta.get("kind") == BLEND_KIND:
+            self.members = [(Predictor(self.directory / m["path"], threads=threads, modalities=registry, device=device),
+                             float(m["weight"]), float(m["temperature"])) for m in self.meta["blend"]]
+            self.classes = list(self.meta["classes"])
+            if any(p.classes != self.classes for p, _, _ in self.members):
+                raise ExportError(f"{self.directory}: the blend's members predict other classes than it names")
+            self.runtime = BLEND_KIND
+            self.runtime_used = "blend of " + ", ".join(p.runtime_used for p, _, _ in self.members)
+            self.preprocessing, self.session, self.torch_model = {}, None, None
+            return
         self.preprocessing = self.modality.prepare(self.meta["preprocessing"], self.directory)
         self.classes = list(self.meta["classes"])
         self.runtime = self.meta.get("runtime", "onnxruntime")
@@ -257,7 +272,13 @@ class Predictor:
         return cls(directory, **kwargs)
 
     def logits(self, examples: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
-        """(examples, classes), in the order given (batched in the modality's ``batch_order``)."""
+        """(examples, classes), in the order given (batched in the modality's ``batch_order``). A blend's
+        are the log of its members' weighted mean probabilities."""
+        if self.members:
+            probs = sum(weight * softmax(p.logits(examples, batch_size=batch_size) / temperature)
+                        for p, weight, temperature in self.members)
+            return np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
+
         def run(ordered: Sequence[Any]) -> tuple[np.ndarray]:
             outs = []
             for start in range(0, len(ordered), batch_size):

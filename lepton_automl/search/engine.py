@@ -29,6 +29,7 @@ from lepton_automl.exceptions import ConfigError, DataError, did_you_mean
 from lepton_automl.interfaces import Modality
 from lepton_automl.log import get_logger
 from lepton_automl.plugins import MODALITIES, PluginRegistry
+from lepton_automl.search.blend import Blender, is_blend_trial
 from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner
@@ -142,13 +143,17 @@ def search(
     progress: Progress | None = None,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
     ensembles: bool = True,
+    blends: bool = True,
     worker: int | None = None,
     device: str | Accelerator = "cpu",
 ) -> SearchOutcome:
     """Run (or resume) a multi-objective search and return the study and its Pareto front.
 
     ``device`` ("auto", "cpu", "cuda", "cuda:N", or an ``Accelerator``) is where trunk features are
-    extracted and networks trained; what ships is measured on the serving profile's runtime."""
+    extracted and networks trained; what ships is measured on the serving profile's runtime.
+    ``ensembles``: probes on several backbones' features side by side join the space; ``blends``: when
+    the trials are done, a blend of the most accurate ones (their averaged probabilities,
+    ``search/blend.py``) joins the study if it beats its best member on validation."""
     accel = device if isinstance(device, Accelerator) else resolve_device(device)
     registry = registry or BackboneRegistry()
     mod = modality if isinstance(modality, Modality) else resolve_modality(data, modality)
@@ -253,6 +258,8 @@ def search(
         # No n_trials here: Optuna would count every trial, repeated configurations included.
         study.optimize(runner, n_trials=None, timeout=timeout, catch=(Exception,),
                        callbacks=[*callbacks, StopWhenCounted(n_trials), collect_after_work])
+    if blends:
+        _blend(study, runner, cost=cost, limits=limits or Limits())
     front = front_rows(study)
     _write_front_exports(front, modality=mod, registry=registry)
     if not keep_all_artifacts:
@@ -267,6 +274,21 @@ def search(
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
                          storage=storage_str, failed=failed, stopped=stopped,
                          repeats=sum(1 for t in pruned if is_repeat(t)))
+
+
+def _blend(study: Any, runner: TrialRunner, *, cost: CostModel, limits: Limits) -> None:
+    """Add a blend of the study's most accurate trials (``search/blend.py``). It runs after the budget:
+    a second or two of arithmetic on stored logits, plus writing the chosen members' files, which the
+    front's exports write anyway. A failure here never loses the search: it is logged, and the front
+    is the trials'."""
+    try:
+        Blender(study=study, run_dir=runner.run_dir, labels={"validation": runner.splits.validation.labels,
+                                                            "test": runner.splits.test.labels},
+                cost=cost, limits=limits, modality=runner.modality, registry=runner.registry,
+                name=runner.model_name(), data=runner.data_card(), worker=worker_identity()).run()
+    except Exception as exc:  # noqa: BLE001 - the trials' front stands without it
+        logger.warning("could not blend the study's trials (%s: %s); the front holds the trials alone",
+                       type(exc).__name__, exc)
 
 
 def collect_after_work(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -291,7 +313,7 @@ def _configs_from_study(name: str, storage: Any, space: SearchSpace) -> list[dic
     choices = {"backbone": (*space.backbones, *space.ensembles), "train__mode": space.train__mode,
                "prune__method": space.prune__method, "quant__mode": space.quant__mode}
     return [dict(t.params) for t in other.best_trials
-            if all(t.params.get(k, v[0]) in v for k, v in choices.items())]
+            if not is_blend_trial(t) and all(t.params.get(k, v[0]) in v for k, v in choices.items())]
 
 
 def _redact(url: str) -> str:

@@ -37,12 +37,13 @@ from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelPa
 from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
+from lepton_automl.search.blend import PREDICTIONS_ATTR, save_predictions
 from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeout, usefulness_floor
 from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.repeats import skip_repeat
 from lepton_automl.search.training_steps import TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
-from lepton_automl.search.scoring import Scores, concat_features, head_accuracy, onnx_accuracy
+from lepton_automl.search.scoring import Scores, concat_features, head_logits, onnx_accuracy, onnx_logits
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.search.workers import SURPLUS_ATTR, WORKER_ATTR, is_surplus, worker_identity
 from lepton_automl.sessions import ort_session
@@ -160,6 +161,8 @@ class TrialRunner:
             trial.set_user_attr(key, getattr(result, key))
         for key, value in result.extra.items():
             trial.set_user_attr(key, value)
+        if result.logits is not None:
+            trial.set_user_attr(PREDICTIONS_ATTR, str(save_predictions(self.run_dir, trial.number, result.logits)))
         return result.values
 
     def equivalent(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,7 +244,8 @@ class TrialRunner:
             time.perf_counter() - start, ", features cached" if cached.hit else "",
         )
         return TrialResult.from_measured(accuracy=scores.accuracy, test_accuracy=scores.test,
-                                         train_seconds=train_seconds, artifact=str(trial_dir), extra=extra)
+                                         train_seconds=train_seconds, artifact=str(trial_dir), extra=extra,
+                                         logits=scores.logits)
 
     # -- 1. features ------------------------------------------------------------------------
     def _preprocessing(self, cards: list[BackboneCard], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -331,14 +335,15 @@ class TrialRunner:
             # outputs (no second pass over the data), after checking on real inputs that the file
             # computes the same.
             blocks = config.finetune_blocks
-            holdout, test = (head_accuracy(model.head, self._head_inputs(model, cached.arrays[split], blocks),
-                                             getattr(self.splits, split).labels)
-                             for split in ("validation", "test"))
+            logits = {split: head_logits(model.head, self._head_inputs(model, cached.arrays[split], blocks))
+                      for split in ("validation", "test")}
             self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
         else:
-            holdout = onnx_accuracy(runtime, self.modality, self.splits.validation, prep)
-            test = onnx_accuracy(runtime, self.modality, self.splits.test, prep)
-        return Scores(accuracy=holdout, holdout=holdout, test=test)
+            logits = {split: onnx_logits(runtime, self.modality, getattr(self.splits, split), prep)
+                      for split in ("validation", "test")}
+        holdout, test = (float((logits[split].argmax(1) == getattr(self.splits, split).labels).mean())
+                         for split in ("validation", "test"))
+        return Scores(accuracy=holdout, holdout=holdout, test=test, logits=logits)
 
     @staticmethod
     def _head_inputs(model: ExportModel, trunk_outputs: tuple[np.ndarray, ...], blocks: int) -> np.ndarray:

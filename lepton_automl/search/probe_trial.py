@@ -37,7 +37,7 @@ from lepton_automl.log import get_logger
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.limits import Deadline, StageClock
 from lepton_automl.search.probe_export import write_recipe
-from lepton_automl.search.scoring import concat_features, head_accuracy
+from lepton_automl.search.scoring import concat_features, head_accuracy, head_logits
 from lepton_automl.search.trunks import TrunkEntry, TrunkStore
 from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, cache_key
@@ -101,7 +101,8 @@ class ProbeTrials:
         validation = entry.features.get("validation", cached.arrays["validation"][0])
         test = entry.features.get("test", cached.arrays["test"][0])
         holdout = head_accuracy(fit.head, validation, r.splits.validation.labels)
-        test_accuracy = head_accuracy(fit.head, test, r.splits.test.labels)
+        test_logits = head_logits(fit.head, test)
+        test_accuracy = float((test_logits.argmax(1) == r.splits.test.labels).mean())
         # Judged by its cross-validated accuracy over train+validation, minus what compression cost on
         # the validation split: the artifact's features against the fp32 ones, each example scored by
         # the fold head that did not see it (the final head saw them all, and in-sample accuracy
@@ -131,8 +132,9 @@ class ProbeTrials:
         logger.info("%s %s probe quant=%s: val acc %.4f, %.3f ms, $%.5f (%.1fs%s)", config.backbone,
                     dict(config.data), config.quant.mode, accuracy, measured["latency_ms"], measured["cost_usd"],
                     time.perf_counter() - deadline.start, ", features cached" if cached.hit else "")
+        logits = {"validation": fit.out_of_fold_logits(validation, rows), "test": test_logits}
         return TrialResult.from_measured(accuracy=accuracy, test_accuracy=test_accuracy, train_seconds=train_seconds,
-                                         artifact=str(trial_dir), extra=extra)
+                                         artifact=str(trial_dir), extra=extra, logits=logits)
 
     def _fit(self, keys: list[str], cached: CachedArrays, blocks: list[int]) -> ProbeFit:
         """The probe on train+validation features, its L2 strength chosen by cross-validation; one fit

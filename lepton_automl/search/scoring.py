@@ -18,17 +18,26 @@ from lepton_automl.training.cache import CachedArrays
 
 
 @torch.no_grad()
+def head_logits(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+    return head(torch.from_numpy(np.array(features, dtype=np.float32))).numpy()
+
+
 def head_accuracy(head: torch.nn.Module, features: np.ndarray, labels: np.ndarray) -> float:
-    return float((head(torch.from_numpy(np.array(features, dtype=np.float32))).argmax(1).numpy() == labels).mean())
+    return float((head_logits(head, features).argmax(1) == labels).mean())
+
+
+def onnx_logits(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> np.ndarray:
+    """The exported file's logits on ``data`` (examples, classes)."""
+    (logits,) = run_onnx(path, modality, data.examples, preprocessing=preprocessing, outputs=("logits",))
+    if not np.all(np.isfinite(logits)):
+        raise FloatingPointError("the exported model produced NaN/inf logits")
+    return np.asarray(logits, dtype=np.float32)
 
 
 def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
     if not len(data):
         return 0.0
-    (logits,) = run_onnx(path, modality, data.examples, preprocessing=preprocessing, outputs=("logits",))
-    if not np.all(np.isfinite(logits)):
-        raise FloatingPointError("the exported model produced NaN/inf logits")
-    return float((logits.argmax(1) == data.labels).mean())
+    return float((onnx_logits(path, modality, data, preprocessing).argmax(1) == data.labels).mean())
 
 
 def concat_features(parts: list[CachedArrays]) -> CachedArrays:
@@ -46,3 +55,4 @@ class Scores:
     accuracy: float  # the objective
     holdout: float  # validation accuracy of the artifact
     test: float
+    logits: dict[str, np.ndarray] | None = None  # the artifact's, by split (validation, test)

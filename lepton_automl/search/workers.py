@@ -34,6 +34,7 @@ HEARTBEAT_S = 20
 GRACE_S = 90  # > the longest pause between heartbeats under load (a busy 2-core machine)
 WORKER_ATTR = "worker"  # "host:pid" of the process that runs the trial
 SURPLUS_ATTR = "surplus"  # a trial started after the study had its --n-trials; not run, not counted
+BLEND_ATTR = "blend"  # a blend of finished trials (search/blend.py), added after them: not counted
 
 
 def make_storage(url: str, *, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> RDBStorage:
@@ -124,11 +125,11 @@ def retried_numbers(study: optuna.Study) -> set[int]:
 
 def counted_trials(study: optuna.Study) -> int:
     """Trials that count towards ``--n-trials``: complete, stopped early, or failed and not retried; not
-    a repeated configuration, which never ran (``search/repeats.py``)."""
+    a repeated configuration, which never ran (``search/repeats.py``), nor a blend of finished trials."""
     retried = retried_numbers(study)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        if (t.user_attrs.get(SURPLUS_ATTR) or is_repeat(t)
+        if (t.user_attrs.get(SURPLUS_ATTR) or t.user_attrs.get(BLEND_ATTR) or is_repeat(t)
                 or (t.state == TrialState.FAIL and t.number in retried)):
             continue
         n += 1

@@ -125,13 +125,19 @@ class ProbeFit:
         features of the same examples, such as a quantized trunk's. The head itself saw them, and its
         in-sample accuracy drops more than a new example's would (int8 lite0 on glyphs: -8.4 points on
         validation in-sample, -0.3 on test)."""
+        predicted = self.out_of_fold_logits(features, rows).argmax(1)
+        return float((predicted == np.asarray(labels)).mean())
+
+    @torch.no_grad()
+    def out_of_fold_logits(self, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(examples, classes): each example's logits from the fold head that did not see it (see
+        ``out_of_fold_accuracy``); what a blend of trials is fit on (``search/blend.py``)."""
         if self.fold_weights is None or self.fold_biases is None or self.fold_of is None:
             raise ValueError("this ProbeFit kept no fold heads")
         z = self.head[0](torch.from_numpy(np.array(features, dtype=np.float32)))  # a copy: cached arrays are read-only
         logits = _fold_logits(z, self.fold_weights, self.fold_biases)  # (examples, folds, classes)
         folds = torch.as_tensor(self.fold_of[np.asarray(rows)])
-        predicted = logits[torch.arange(len(z)), folds].argmax(1).numpy()
-        return float((predicted == np.asarray(labels)).mean())
+        return logits[torch.arange(len(z)), folds].numpy()
 
 
 def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, seed: int,
