@@ -60,7 +60,7 @@ def main() -> None:
     def config(t):  # what ran (the objective may override what the sampler drew)
         return t.user_attrs.get("config") or t.params
 
-    probe_trials = [t for t in done if config(t).get("train__mode", "probe") == "probe"
+    probe_trials = [t for t in done if not t.user_attrs.get("blend") and config(t).get("train__mode", "probe") == "probe"
                     and config(t).get("prune__method", "none") == "none" and t.number in durations]
     probes = [durations[t.number] for t in probe_trials if t.user_attrs.get("cache_hit")]  # the measure
     # ... split by whether the trial built its trunk entry (export, int8 quantization and the quantized
