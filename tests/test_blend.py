@@ -5,7 +5,9 @@ only one network can do."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import shutil
 
 import numpy as np
 import optuna
@@ -36,6 +38,7 @@ from lepton_automl.search.blend import (
 from lepton_automl.search.engine import search
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits
+from lepton_automl.search.probe_export import RECIPE, can_materialize, is_recipe
 from lepton_automl.search.workers import counted_trials
 from lepton_automl.serving.app import create_app
 from lepton_image import ImageModality
@@ -100,6 +103,18 @@ def test_every_trial_stores_its_artifacts_logits(probes) -> None:
         assert z["validation"].shape == (len(outcome.splits.validation), len(outcome.splits.classes))
         assert z["test"].shape == (len(outcome.splits.test), len(outcome.splits.classes))
         assert float((z["test"].argmax(1) == outcome.splits.test.labels).mean()) == t.user_attrs["test_accuracy"]
+
+
+def test_a_probe_whose_trunk_store_is_gone_cannot_join_a_blend(probes, tmp_path) -> None:
+    _, outcome = probes
+    probe = next(t for t in outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+                 if is_recipe(t.user_attrs["artifact"]))
+    copy = tmp_path / "trial"
+    shutil.copytree(probe.user_attrs["artifact"], copy)
+    assert can_materialize(copy)
+    recipe = json.loads((copy / RECIPE).read_text())
+    (copy / RECIPE).write_text(json.dumps({**recipe, "trunk": str(tmp_path / "removed-store")}))
+    assert not can_materialize(copy) and not can_materialize(tmp_path / "nothing")
 
 
 def _blender(outcome, root, image_folder) -> Blender:

@@ -175,12 +175,14 @@ class Blender:
         """The most accurate finished, feasible trials (not blends) whose logits and files are kept."""
         import optuna
 
+        from lepton_automl.search.probe_export import can_materialize
+
         out = {}
         done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         for t in sorted(done, key=lambda t: -t.values[0]):
             path, artifact = t.user_attrs.get(PREDICTIONS_ATTR), t.user_attrs.get("artifact")
             if (is_blend_trial(t) or not path or not Path(path).is_file() or not artifact
-                    or not Path(artifact).is_dir() or any(v > 0 for v in t.constraints.values())):
+                    or not can_materialize(artifact) or any(v > 0 for v in t.constraints.values())):
                 continue
             out[t.number] = t
             if len(out) == self.candidates:

@@ -258,7 +258,7 @@ def search(
         # No n_trials here: Optuna would count every trial, repeated configurations included.
         study.optimize(runner, n_trials=None, timeout=timeout, catch=(Exception,),
                        callbacks=[*callbacks, StopWhenCounted(n_trials), collect_after_work])
-    if blends:
+    if blends and remaining:  # a resumed study with nothing left to run keeps what it holds
         _blend(study, runner, cost=cost, limits=limits or Limits())
     front = front_rows(study)
     _write_front_exports(front, modality=mod, registry=registry)

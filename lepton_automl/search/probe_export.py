@@ -52,6 +52,19 @@ def is_recipe(directory: str | Path) -> bool:
     return (Path(directory) / RECIPE).is_file() and not (Path(directory) / METADATA).is_file()
 
 
+def can_materialize(directory: str | Path) -> bool:
+    """Whether ``directory`` holds an export, or a recipe whose trunk store entry still exists (a
+    finished worker removes its trunk store once its front is written)."""
+    directory = Path(directory)
+    if (directory / METADATA).is_file():
+        return True
+    try:
+        recipe = json.loads((directory / RECIPE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return (Path(recipe["trunk"]) / "trunk.onnx").is_file()
+
+
 def load_head(path: Path) -> torch.nn.Sequential:
     from safetensors.torch import load_file
 
