@@ -223,3 +223,34 @@ def test_a_search_blends_its_trials_when_it_ends(image_folder, tmp_path, caplog)
         assert blend.values[0] > blend.user_attrs["best_single_accuracy"]
         if blend.number in {r.number for r in front_rows(outcome.study)}:
             assert Predictor(blend.user_attrs["artifact"]).predict_examples(outcome.splits.test.examples[:2])
+
+
+def test_a_text_blend_predicts_from_its_own_folder_wherever_it_goes(text_csv, tiny_bert_dir, tmp_path) -> None:
+    from lepton_automl.backbones import BackboneCard
+    from lepton_text import TextModality
+
+    registry = BackboneRegistry()
+    registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local",
+                                   max_length=64))
+    outcome = search(text_csv, registry=registry, backbones=["tiny"], n_trials=2, run_root=tmp_path / "runs",
+                     blends=False, keep_all_artifacts=True, space_options={"train__mode": ["probe"]})
+    done = outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    profiles = load_profiles()
+    splits = outcome.splits
+    blender = Blender(study=outcome.study, run_dir=outcome.run_dir,
+                      labels={"validation": splits.validation.labels, "test": splits.test.labels},
+                      cost=CostModel(train=profiles["local-cpu"], serve=profiles["local-cpu"]), limits=Limits(),
+                      modality=TextModality(), registry=registry, name="tiny texts classifier")
+    blend = blender.add(BlendChoice(members=(BlendMember(done[0].number, 0.6, 1.0), BlendMember(done[1].number, 0.4, 2.0)),
+                                    validation_accuracy=0.5, validation_log_loss=1.0, best_single_accuracy=0.4))
+    texts = ["kernel compiler thread cache", "recipe oven flour sauce", "goal match striker referee"]
+    folder = blend.user_attrs["artifact"]
+    each = [Predictor(f"{folder}/{e['path']}").logits(texts) for e in load_metadata(folder)["blend"]]
+    expected = 0.6 * softmax(each[0]) + 0.4 * softmax(each[1] / 2.0)
+    moved = shutil.copytree(folder, tmp_path / "moved")
+    shutil.rmtree(outcome.run_dir)  # the folder carries everything it needs
+    np.testing.assert_allclose(softmax(Predictor(moved).logits(texts)), expected, rtol=1e-4, atol=1e-6)
+    result = CliRunner().invoke(app, ["predict", str(moved), *texts])
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[1] for line in result.output.strip().splitlines()] == \
+        [splits.classes[i] for i in expected.argmax(1)]
