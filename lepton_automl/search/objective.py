@@ -162,7 +162,8 @@ class TrialRunner:
         for key, value in result.extra.items():
             trial.set_user_attr(key, value)
         if result.logits is not None:
-            trial.set_user_attr(PREDICTIONS_ATTR, str(save_predictions(self.run_dir, trial.number, result.logits)))
+            path = save_predictions(self.run_dir, trial.number, result.logits).resolve()
+            trial.set_user_attr(PREDICTIONS_ATTR, str(path))
         return result.values
 
     def equivalent(self, params: Mapping[str, Any]) -> dict[str, Any]:
