@@ -21,10 +21,6 @@ from lepton_automl.export.artifact import BLEND_KIND as KIND
 from lepton_automl.export.artifact import FORMAT_VERSION, METADATA, load_metadata
 
 
-def is_blend(meta: Mapping[str, Any]) -> bool:
-    return meta.get("kind") == KIND
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -98,8 +94,9 @@ def render_blend_card(meta: Mapping[str, Any], members: Sequence[Mapping[str, An
                      f"{member['backbone']['name']} | {'n/a' if val is None else f'{val:.4f}'} | "
                      f"{'n/a' if test is None else f'{test:.4f}'} |")
     lines += ["", "## Metrics", "",
-              f"- Validation accuracy of the blend: {fmt('accuracy')} (the members' best alone: "
-              f"{fmt('best_single_accuracy')}; chosen on these examples, so somewhat optimistic)",
+              f"- Validation accuracy of the blend: {fmt('accuracy')}, cross-fitted (chosen on each half of "
+              f"the validation split, scored on the other); the most accurate trial's on the same examples: "
+              f"{fmt('best_single_accuracy')}",
               f"- Test accuracy: {fmt('test_accuracy')}",
               f"- Latency at batch 1: {fmt('latency_ms', '.3f')} ms, its members' measured latencies summed "
               "(they run one after another)",

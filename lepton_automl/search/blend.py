@@ -3,9 +3,10 @@
 AutoML systems win by ensembling (AutoGluon's weighted ensemble is Caruana et al.'s "Ensemble Selection
 from Libraries of Models", ICML 2004). Every trial stores its artifact's logits on the validation split
 (a probe's out of fold: each example scored by the fold head that did not see it) and on the test split.
-When the search's trials are done, ``blend_study`` chooses members greedily, with replacement, by the
-validation log-loss of their temperature-scaled probabilities averaged, and adds the blend to the study
-as a trial of its own: its latency is its members' summed (they run one after another), its cost is
+When the search's trials are done, a ``Blender`` chooses members greedily, with replacement, by the
+validation log-loss of their temperature-scaled probabilities averaged (``choose_blend``), and adds the
+blend to the study as a trial of its own if it beats the most accurate trial by more than noise,
+judged cross-fitted: its latency is its members' summed (they run one after another), its cost is
 priced from that, and its files are its members' exports side by side (``export/blend.py``).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lepton_automl.export.artifact import softmax
 from lepton_automl.interfaces import TrialResult
 from lepton_automl.log import get_logger
 from lepton_automl.search.workers import BLEND_ATTR, WORKER_ATTR
@@ -66,11 +68,6 @@ class BlendChoice:
     validation_accuracy: float  # cross-fitted: chosen on each half of the split, scored on the other
     validation_log_loss: float  # of the blend chosen on the whole split, there
     best_single_accuracy: float  # the most accurate candidate's, on the same validation examples
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def blend_probabilities(logits: Sequence[np.ndarray], members: Sequence[BlendMember]) -> np.ndarray:
