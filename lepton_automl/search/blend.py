@@ -193,7 +193,8 @@ class Blender:
     """Blends the finished trials of one study: ``choose`` one, ``add`` it to the study as a trial.
 
     ``labels``: the validation and test labels, by split; ``cost``, ``limits``: the search's; ``name``,
-    ``data``: what the blend's model card says; ``worker``: the process adding it (``WORKER_ATTR``)."""
+    ``data``: what the blend's model card says; ``worker``: the process adding it (``WORKER_ATTR``);
+    ``floor``: the usefulness floor (``search.limits.usefulness_floor``), its ``above_chance`` constraint."""
 
     study: Any
     run_dir: Path
@@ -205,6 +206,7 @@ class Blender:
     name: str
     data: Mapping[str, Any] | None = None
     worker: str | None = None
+    floor: float | None = None
     candidates: int = CANDIDATES
 
     def trials(self) -> dict[int, Any]:
@@ -288,9 +290,8 @@ class Blender:
                     name=f"{self.name} (blend of {len(members)})", metrics=metrics, data=self.data,
                     search={"study": self.study.study_name, "blend": numbers})
         constraints = self.limits.constraints(result)
-        floor = (members[0].constraints or {}).get("above_chance")  # the floor minus that member's accuracy
-        if floor is not None:
-            constraints["above_chance"] = floor + members[0].values[0] - choice.validation_accuracy
+        if self.floor is not None:  # as every trial's (TrialRunner.__call__)
+            constraints["above_chance"] = self.floor - choice.validation_accuracy
         config = {"blend": numbers, "weights": [round(m.weight, 4) for m in choice.members],
                   "members": [dict(t.user_attrs.get("config") or t.params) for t in members]}
         user_attrs = {"config": config, BLEND_ATTR: numbers, "blend_members": [dataclasses.asdict(m) for m in choice.members],
@@ -304,7 +305,9 @@ class Blender:
         logger.info("blend of %s: validation accuracy %.4f (best member %.4f), test %.4f, %.3f ms",
                     " + ".join(f"trial {m.trial} x{m.weight:.2f}" for m in choice.members), choice.validation_accuracy,
                     choice.best_single_accuracy, test_accuracy, sums["latency_ms"])
-        return self.study.get_trials(deepcopy=False)[-1]
+        # Another worker may have added a trial since: find this one by its members.
+        return next(t for t in reversed(self.study.get_trials(deepcopy=False))
+                    if t.user_attrs.get(BLEND_ATTR) == numbers)
 
     def run(self) -> Any | None:
         """Choose a blend and add it: the added trial, or None."""

@@ -32,7 +32,7 @@ from lepton_automl.plugins import MODALITIES, PluginRegistry
 from lepton_automl.search.blend import Blender, is_blend_trial
 from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
-from lepton_automl.search.objective import Limits, TrialRunner
+from lepton_automl.search.objective import Limits, TrialRunner, usefulness_floor
 from lepton_automl.search.probe_export import is_recipe, materialize
 from lepton_automl.search.repeats import is_repeat
 from lepton_automl.search.workers import (
@@ -285,7 +285,8 @@ def _blend(study: Any, runner: TrialRunner, *, cost: CostModel, limits: Limits) 
         Blender(study=study, run_dir=runner.run_dir, labels={"validation": runner.splits.validation.labels,
                                                             "test": runner.splits.test.labels},
                 cost=cost, limits=limits, modality=runner.modality, registry=runner.registry,
-                name=runner.model_name(), data=runner.data_card(), worker=worker_identity()).run()
+                name=runner.model_name(), data=runner.data_card(), worker=worker_identity(),
+                floor=usefulness_floor(runner.splits.train.labels)).run()
     except Exception as exc:  # noqa: BLE001 - the trials' front stands without it
         logger.warning("could not blend the study's trials (%s: %s); the front holds the trials alone",
                        type(exc).__name__, exc)
