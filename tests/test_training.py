@@ -100,6 +100,7 @@ def test_fine_tuning_is_seeded_leaves_the_global_rng_alone_and_keeps_the_best_ep
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b), "the same seed must give the same weights"
     assert len(log.curve) == 4 and log.best_epoch == int(np.argmax(log.curve)) + 1
+    assert [float(right.mean()) for right in log.validation_correct] == pytest.approx(log.curve)
     assert evaluate_accuracy(first, modality, splits.validation, prep) == pytest.approx(max(log.curve))
     assert not any(p.requires_grad for p in first.parameters()) and not first.training
 

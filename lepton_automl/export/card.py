@@ -110,7 +110,10 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         "|---|---|---|",
         f"| objective accuracy | {fmt('accuracy')} | "
         + ("5-fold cross-validation over train+validation, minus the compression's loss on validation"
-           if m.get("cv_accuracy") is not None else "validation split") + " |",
+           if m.get("cv_accuracy") is not None
+           else "validation split, less the kept epoch's advantage there that cross-fitting calls luck "
+                f"({float(m['epoch_choice_optimism']):.4f})" if m.get("epoch_choice_optimism")
+           else "validation split") + " |",
         f"| validation accuracy | {fmt('holdout_accuracy')} | validation split, this file"
         + (" (the probe was fit on train+validation: not held out)" if m.get("cv_accuracy") is not None else "")
         + " |",

@@ -23,6 +23,7 @@ import numpy as np
 from lepton_automl.export.artifact import softmax
 from lepton_automl.interfaces import TrialResult
 from lepton_automl.log import get_logger
+from lepton_automl.search.crossfit import stratified_halves
 from lepton_automl.search.workers import BLEND_ATTR, WORKER_ATTR
 
 logger = get_logger(__name__)
@@ -116,17 +117,6 @@ def _select(validation: Mapping[int, np.ndarray], labels: np.ndarray, first: int
                  for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _halves(labels: np.ndarray, seed: int) -> np.ndarray:
-    """A stratified split of the examples in two: 0 or 1 per example."""
-    rng = np.random.default_rng(seed)
-    half = np.zeros(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        rng.shuffle(idx)
-        half[idx[int(rng.integers(2))::2]] = 1
-    return half
-
-
 def choose_blend(validation: Mapping[int, np.ndarray], labels: np.ndarray, *, accuracy: Mapping[int, float],
                  max_members: int = MAX_MEMBERS, rounds: int = ROUNDS, z: float = SIGNIFICANCE_Z, seed: int = 0,
                  allowed: Callable[[frozenset[int]], bool] = lambda members: True) -> BlendChoice | None:
@@ -153,7 +143,7 @@ def choose_blend(validation: Mapping[int, np.ndarray], labels: np.ndarray, *, ac
     members = _select(validation, labels, first, max_members=max_members, rounds=rounds, allowed=allowed)
     if members is None:
         return None
-    half = _halves(labels, seed)
+    half = stratified_halves(labels, seed)
     right = np.zeros(len(labels), dtype=bool)
     for h in (0, 1):
         fit, held = half != h, half == h

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,8 @@ class TrialRunner:
         fp32, runtime = self._export(model, config, prep, trial_dir, seed)
         deadline.check(stages.done("export and quantization"))
         scores = self._score(config, model, runtime, cached, prep)
+        if info.get("epoch_choice_optimism"):  # the kept epoch's advantage on validation that is luck
+            scores = replace(scores, accuracy=scores.holdout - float(info["epoch_choice_optimism"]))
         stages.done("scoring")
         train_seconds = cached.seconds + (time.perf_counter() - own_start)
         measured = self._measure(model, runtime, latency_input, train_seconds=train_seconds)

@@ -20,6 +20,7 @@ from lepton_automl.interfaces import ExportModel, ModelParts
 from lepton_automl.log import get_logger
 from lepton_automl.search.budget import another_epoch_fits, epochs_that_fit
 from lepton_automl.search.config import TrialConfig
+from lepton_automl.search.crossfit import chosen_epoch_accuracy
 from lepton_automl.search.early_stopping import StopCheck
 from lepton_automl.search.limits import Deadline
 from lepton_automl.search.scoring import head_accuracy
@@ -120,8 +121,15 @@ class TrainingSteps:
                         after_batch=lambda epoch: deadline.check(f"fine-tuning epoch {epoch}"),
                         after_epoch=after_epoch, progress=self.runner.progress)
         measured = (time.perf_counter() - begin) / max(1, len(log.seconds_per_epoch))
+        # The kept epoch is the best of several on the validation split, so its score there is biased
+        # upwards; what the objective subtracts (``Scores.accuracy``) is that bias, estimated by choosing
+        # the epoch on half the split and scoring it on the other half.
+        optimism = 0.0
+        if log.best_epoch and len(log.validation_correct) > 1:
+            honest = chosen_epoch_accuracy(log.validation_correct, self.splits.validation.labels, seed=seed)
+            optimism = max(0.0, log.curve[log.best_epoch - 1] - honest)
         return {"predicted_epoch_s": per_epoch, "measured_epoch_s": measured,
-                "epochs_run": len(log.seconds_per_epoch),
+                "epochs_run": len(log.seconds_per_epoch), "epoch_choice_optimism": optimism,
                 "best_epoch": log.best_epoch, "validation_curve": log.curve,
                 "train_cost_ratio": measured * (self.runner.train_cost_ratio or 1.0) / max(per_epoch, 1e-9)}
 

@@ -58,6 +58,7 @@ class FineTuneConfig:
 @dataclass
 class FineTuneLog:
     curve: list[float] = field(default_factory=list)  # validation accuracy after each epoch
+    validation_correct: list[np.ndarray] = field(default_factory=list)  # per epoch: which examples it got right
     best_epoch: int = 0
     seconds_per_epoch: list[float] = field(default_factory=list)
     micro_batch: int = 0  # the largest piece of a batch that fit in memory (the batch, unless a GPU ran out)
@@ -217,9 +218,10 @@ def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preproc
                 recalibrate(order)
             accuracy = None
             if judged:
-                accuracy = evaluate_accuracy(model, modality, validation, preprocessing, accel=accel,
-                                             decoded=decoded_val)
+                right = evaluate_correct(model, modality, validation, preprocessing, accel=accel, decoded=decoded_val)
+                accuracy = float(right.mean())
                 log.curve.append(accuracy)
+                log.validation_correct.append(right)
                 if cfg.keep_best and accuracy > best_acc:
                     best_acc, log.best_epoch = accuracy, epoch
                     best_state = copy.deepcopy(model.state_dict())
@@ -319,16 +321,27 @@ def time_training_step(model: nn.Module, modality: Modality, data: LabelledData,
     return best
 
 
-@torch.no_grad()
 def evaluate_accuracy(model: nn.Module, modality: Modality, data: LabelledData,
                       preprocessing: Mapping[str, Any], *, batch_size: int = 64, accel: Accelerator = CPU,
                       decoded: DecodedSet | None = None) -> float:
     """Accuracy of the torch model on ``data`` (eval mode; running normalisation statistics), computed
     on the device the model is on (``decoded``: ``data`` already decoded)."""
+    if not len(data):
+        return 0.0
+    return float(evaluate_correct(model, modality, data, preprocessing, batch_size=batch_size, accel=accel,
+                                  decoded=decoded).mean())
+
+
+@torch.no_grad()
+def evaluate_correct(model: nn.Module, modality: Modality, data: LabelledData,
+                     preprocessing: Mapping[str, Any], *, batch_size: int = 64, accel: Accelerator = CPU,
+                     decoded: DecodedSet | None = None) -> np.ndarray:
+    """Which examples of ``data`` the torch model gets right (bool per example); as ``evaluate_accuracy``."""
     model.eval()
-    device, correct = _device_of(model), 0
+    device = _device_of(model)
     on_device = dataclasses.replace(accel, device=str(device))  # accel's settings, where the model is
     labels = np.asarray(data.labels)
+    right = np.zeros(len(data), dtype=bool)
     if decoded is not None:
         parts: Iterable[tuple[np.ndarray, list[torch.Tensor]]] = (
             (idx, decoded.batch(idx)) for idx in np.array_split(np.arange(len(data)), max(1, -(-len(data) // batch_size))))
@@ -337,5 +350,5 @@ def evaluate_accuracy(model: nn.Module, modality: Modality, data: LabelledData,
     for idx, tensors in parts:
         with on_device.autocast():
             logits = model(*on_device.model_inputs(modality, tensors, preprocessing))
-        correct += int((logits.argmax(1).cpu().numpy() == labels[idx]).sum())
-    return correct / max(1, len(data))
+        right[idx] = logits.argmax(1).cpu().numpy() == labels[idx]
+    return right
