@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--set", required=True, help="name of the set in the results file")
     parser.add_argument("--budget", type=float, default=600.0)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="run the search in this folder and keep it (its study, trials' predictions)")
     args = parser.parse_args()
     quiet_optuna()
     hand = json.loads((OUT / f"hand_probe_{args.set}.json").read_text())
@@ -48,7 +50,7 @@ def main() -> None:
         raise SystemExit(f"hand_probe_{args.set}.json was computed on other data than {args.data} (the sets "
                          "are rebuilt from this machine's files). Rerun the baseline first: python "
                          f"benchmarks/hand_probe.py --data {args.data} --out {OUT / f'hand_probe_{args.set}.json'}")
-    work = Path(tempfile.mkdtemp(prefix="lepton-quality-"))
+    work = args.keep or Path(tempfile.mkdtemp(prefix="lepton-quality-"))
     start = time.time()
     outcome = search(args.data, run_root=work, n_trials=10_000, timeout=args.budget, seed=0)
     wall = time.time() - start
@@ -139,7 +141,8 @@ def main() -> None:
         fig.savefig(OUT / f"search_quality_{args.set}.png", dpi=120)
     except ImportError:
         print("matplotlib is missing (pip install -e '.[bench]'): no plot")
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,44 @@ def test_text_training_batches_are_drawn_at_random_and_alike_in_length() -> None
     first = {frozenset(epochs[0][s : s + batch].tolist()) for s in range(0, len(texts), batch)}
     second = {frozenset(epochs[1][s : s + batch].tolist()) for s in range(0, len(texts), batch)}
     assert len(first & second) < len(first) // 4
+
+
+def test_partial_fine_tuning_reports_every_step_and_is_paced_inside_the_trial_time() -> None:
+    """``train_tail`` calls ``after_batch`` after every step. The search's pacer stops a trial whose
+    first epoch cannot finish, after its first steps rather than at the limit, and ends training after
+    an epoch when another would not finish at the pace measured."""
+    import time
+
+    from lepton_automl.search.budget import AFTER_TRAINING_S, EpochPacer
+    from lepton_automl.search.early_stopping import TrialStopped
+    from lepton_automl.search.limits import Deadline
+    from lepton_automl.training.trainer import train_tail
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=1e-2)
+
+    def parts() -> tuple[nn.Module, nn.Sequential]:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Sequential(nn.Identity(), nn.Linear(16, 2))
+
+    def run(pacer: EpochPacer) -> list[int]:
+        seen: list[int] = []
+        tail, head = parts()
+        train_tail(tail, head, (x,), y, cfg, after_batch=lambda epoch: seen.append(epoch) or pacer.after_batch(epoch),
+                   should_stop=lambda epoch, _: pacer.ends_after(epoch))
+        return seen
+
+    unlimited = EpochPacer(Deadline(time.perf_counter(), None), what="fine-tuning", steps_per_epoch=8)
+    assert run(unlimited) == [1] * 8 + [2] * 8 + [3] * 8
+    # Nothing left beyond what export and measurement keep: stopped after the first three steps.
+    late = EpochPacer(Deadline(time.perf_counter(), AFTER_TRAINING_S), what="fine-tuning", steps_per_epoch=8)
+    with pytest.raises(TrialStopped, match="rest of the first, from its first 3 steps"):
+        run(late)
+    assert late.steps == 3
+    # Training that began 100 s ago with 50 s left: the first epoch runs (its check is on the steps'
+    # own pace), then another 100-s epoch would not finish, so training ends after epoch 1.
+    now = time.perf_counter()
+    slow = EpochPacer(Deadline(now, AFTER_TRAINING_S + 50.0), what="fine-tuning", steps_per_epoch=8, start=now - 100.0)
+    assert slow.ends_after(1) and not EpochPacer(Deadline(now, None), what="x", steps_per_epoch=8).ends_after(1)

@@ -10,6 +10,7 @@ mid-epoch when the prediction is right.
 from __future__ import annotations
 
 import math
+import time
 
 from lepton_automl.log import get_logger
 from lepton_automl.search.early_stopping import TrialStopped
@@ -50,3 +51,37 @@ def another_epoch_fits(epoch_seconds: float, deadline: Deadline, *, reserve: flo
     twin before it, and the trial passed its limit during export, losing its trained model."""
     left = deadline.remaining() - reserve - AFTER_TRAINING_S
     return math.isinf(left) or epoch_seconds <= left
+
+
+class EpochPacer:
+    """Keeps a training loop that has no prediction of its own inside the trial's time, from the pace
+    it measures (partial fine-tuning on cached trunk outputs, whose epoch cost varies 100-fold with the
+    blocks trained and the input length). ``after_batch`` checks the trial's limit after every step
+    and, after the first ``first_steps``, stops a trial whose first epoch would not finish;
+    ``ends_after(epoch)`` says whether to end training after that epoch because another would not
+    finish. In the man-page benchmark one such trial (MiniLM, 2 blocks at 256 tokens) was only checked
+    between epochs and ran to 209 s against a 150-s limit, then failed with nothing to show."""
+
+    def __init__(self, deadline: Deadline, *, what: str, steps_per_epoch: int, reserve: float = 0.0,
+                 first_steps: int = 3, start: float | None = None) -> None:
+        """``start``: the ``time.perf_counter()`` value training began at (now by default)."""
+        self.deadline, self.what, self.reserve = deadline, what, reserve
+        self.steps_per_epoch, self.first_steps = max(1, steps_per_epoch), first_steps
+        self.start, self.steps = time.perf_counter() if start is None else start, 0
+
+    def after_batch(self, epoch: int) -> None:
+        self.deadline.check(f"{self.what} epoch {epoch}")
+        self.steps += 1
+        if self.steps == min(self.first_steps, self.steps_per_epoch):
+            per_epoch = (time.perf_counter() - self.start) / self.steps * self.steps_per_epoch
+            left = per_epoch * (1.0 - self.steps / self.steps_per_epoch)  # of the first epoch
+            epochs_that_fit(1, left, self.deadline, what=self.what, reserve=self.reserve,
+                            basis=f" (the rest of the first, from its first {self.steps} steps)")
+
+    def ends_after(self, epoch: int) -> bool:
+        pace = (time.perf_counter() - self.start) / max(1, epoch)
+        if another_epoch_fits(pace, self.deadline, reserve=self.reserve):
+            return False
+        logger.info("%s: epochs took %.0f s; another would not finish in the trial's time, so it ends after "
+                    "epoch %d", self.what, pace, epoch)
+        return True

@@ -35,6 +35,7 @@ from lepton_automl.export.artifact import save_artifact
 from lepton_automl.export.trunk import Progress, run_trunk_splits
 from lepton_automl.interfaces import ConcatTrunk, ExportModel, Modality, ModelParts, TrialResult, build_seeded
 from lepton_automl.log import get_logger
+from lepton_automl.search.budget import EpochPacer
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
 from lepton_automl.search.blend import PREDICTIONS_ATTR, save_predictions
@@ -315,8 +316,9 @@ class TrialRunner:
                              epochs=int(config.train.epochs), seed=seed, class_weights=weights)
             judge = self.steps.fine_tune_judge(stop, config, parts, head, cached.arrays["validation"], latency_input)
             judge(0, head)
-            train_tail(parts.tail, head, train_inputs, labels, ft,
-                       should_stop=lambda epoch, h: deadline.check(f"fine-tuning epoch {epoch}") or judge(epoch, h))
+            pacer = EpochPacer(deadline, what="fine-tuning", steps_per_epoch=-(-len(labels) // ft.batch_size))
+            train_tail(parts.tail, head, train_inputs, labels, ft, after_batch=pacer.after_batch,
+                       should_stop=lambda epoch, h: judge(epoch, h) or pacer.ends_after(epoch))
         return model.eval(), info
 
     # -- 4. export --------------------------------------------------------------------------

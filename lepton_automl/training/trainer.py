@@ -402,9 +402,12 @@ def train_tail(
     cfg: TrainConfig,
     *,
     should_stop: Callable[[int, nn.Module], bool] | None = None,
+    after_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Fine-tune ``tail`` and ``head`` together on cached trunk outputs (in place).
 
+    ``should_stop(epoch, head)`` runs after each epoch (True ends training; it may raise),
+    ``after_batch(epoch)`` after each step (deadline checks; it may raise).
     Normalisation layers keep their running statistics (eval mode): with a few thousand examples,
     re-estimating them from small batches hurts more than it helps.
     """
@@ -430,6 +433,8 @@ def train_tail(
                 _check(loss)
                 loss.backward()
                 opt.step()
+                if after_batch is not None:
+                    after_batch(epoch + 1)
             if should_stop is not None and should_stop(epoch + 1, head):
                 break
     for p in params:
