@@ -162,7 +162,7 @@ def search(
     pick: str = typer.Option("balanced", help="How to choose the exported model: balanced, accuracy, latency or knee."),
     keep_all_artifacts: bool = typer.Option(False, help="Keep the model files of trials off the front too."),
     blend: bool = typer.Option(True, help="When the trials are done, add a blend of the most accurate ones "
-                               "(their averaged probabilities) if it beats the best by more than noise on validation."),
+                               "(their averaged probabilities) if, cross-fitted on validation, it beats the best by half its noise or more."),
     export_dir: Optional[Path] = typer.Option(None, help="Where to export the pick (default: RUN_DIR/STUDY/best)."),
     png: bool = typer.Option(False, "--png", help="Also draw the front and the history as PNG files."),
     device: str = typer.Option("auto", help=f"Where to extract features and train: {DEVICE_HELP}."),

@@ -94,9 +94,11 @@ def render_blend_card(meta: Mapping[str, Any], members: Sequence[Mapping[str, An
                      f"{member['backbone']['name']} | {'n/a' if val is None else f'{val:.4f}'} | "
                      f"{'n/a' if test is None else f'{test:.4f}'} |")
     lines += ["", "## Metrics", "",
-              f"- Validation accuracy of the blend: {fmt('accuracy')}, cross-fitted (chosen on each half of "
-              f"the validation split, scored on the other); the most accurate trial's on the same examples: "
-              f"{fmt('best_single_accuracy')}",
+              f"- Objective accuracy: {fmt('accuracy')}, the most accurate trial's objective plus the blend's "
+              "cross-fitted gain over it on the validation split (the scale the search's other trials are on)",
+              f"- Validation accuracy of the blend: {fmt('holdout_accuracy')}, cross-fitted (chosen on one half "
+              f"of the validation split, scored on the other, averaged over random halvings); the most accurate "
+              f"trial's on the same examples: {fmt('best_single_accuracy')}",
               f"- Test accuracy: {fmt('test_accuracy')}",
               f"- Latency at batch 1: {fmt('latency_ms', '.3f')} ms, its members' measured latencies summed "
               "(they run one after another)",
