@@ -47,8 +47,10 @@ def test_a_search_killed_mid_trial_resumes_with_nothing_lost(tmp_path) -> None:
     data = make_image_folder(tmp_path / "shapes")
     run_dir = tmp_path / "runs"
     url = f"sqlite:///{run_dir / 'lepton.db'}"
+    # Its temporary folders (int8 quantization's) live under tmp_path: SIGKILL leaves them behind.
+    (tmp_path / "tmp").mkdir()
     process = subprocess.Popen(_search_args(data, run_dir, 3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
     killed_number = None
     deadline = time.time() + 300
     try:
@@ -60,11 +62,21 @@ def test_a_search_killed_mid_trial_resumes_with_nothing_lost(tmp_path) -> None:
                 trials = _study(url).get_trials(deepcopy=False)
             except (KeyError, Exception):
                 continue
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-            if any(t.state == TrialState.COMPLETE for t in trials) and running:
-                killed_number = running[0].number
+            if not (any(t.state == TrialState.COMPLETE for t in trials)
+                    and any(t.state == TrialState.RUNNING for t in trials)):
+                continue
+            # Frozen, the search cannot finish the running trial between this read and the kill (a
+            # probe takes about a second; the trial read as running had sometimes completed by then).
+            process.send_signal(signal.SIGSTOP)
+            try:
+                running = [t.number for t in _study(url).get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+            except Exception:  # the frozen process may hold the database's write lock: try again later
+                running = []
+            if running:
+                killed_number = running[0]
                 process.send_signal(signal.SIGKILL)
                 break
+            process.send_signal(signal.SIGCONT)
     finally:
         if process.poll() is None:
             process.kill()
