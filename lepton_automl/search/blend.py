@@ -23,7 +23,7 @@ import numpy as np
 from lepton_automl.export.artifact import softmax
 from lepton_automl.interfaces import TrialResult
 from lepton_automl.log import get_logger
-from lepton_automl.search.crossfit import HALVINGS, stratified_halves
+from lepton_automl.search.crossfit import HALVINGS, random_halvings
 from lepton_automl.search.workers import BLEND_ATTR, WORKER_ATTR
 
 logger = get_logger(__name__)
@@ -153,10 +153,8 @@ def choose_blend(validation: Mapping[int, np.ndarray], labels: np.ndarray, *, ac
     if members is None:
         return None
     single = np.asarray(validation[first]).argmax(1) == labels
-    rng = np.random.default_rng(seed)
     only_blend = only_single = crossfit = 0.0
-    for _ in range(halvings):
-        half = stratified_halves(labels, int(rng.integers(2**31)))
+    for half in random_halvings(labels, halvings=halvings, seed=seed):
         right = np.zeros(len(labels), dtype=bool)
         for h in (0, 1):
             fit, held = half != h, half == h

@@ -62,10 +62,10 @@ class EpochPacer:
     finish. In the man-page benchmark one such trial (MiniLM, 2 blocks at 256 tokens) was only checked
     between epochs and ran to 209 s against a 150-s limit, then failed with nothing to show."""
 
-    def __init__(self, deadline: Deadline, *, what: str, steps_per_epoch: int, reserve: float = 0.0,
-                 first_steps: int = 3, start: float | None = None) -> None:
+    def __init__(self, deadline: Deadline, *, what: str, steps_per_epoch: int, first_steps: int = 3,
+                 start: float | None = None) -> None:
         """``start``: the ``time.perf_counter()`` value training began at (now by default)."""
-        self.deadline, self.what, self.reserve = deadline, what, reserve
+        self.deadline, self.what = deadline, what
         self.steps_per_epoch, self.first_steps = max(1, steps_per_epoch), first_steps
         self.start, self.steps = time.perf_counter() if start is None else start, 0
 
@@ -75,12 +75,12 @@ class EpochPacer:
         if self.steps == min(self.first_steps, self.steps_per_epoch):
             per_epoch = (time.perf_counter() - self.start) / self.steps * self.steps_per_epoch
             left = per_epoch * (1.0 - self.steps / self.steps_per_epoch)  # of the first epoch
-            epochs_that_fit(1, left, self.deadline, what=self.what, reserve=self.reserve,
+            epochs_that_fit(1, left, self.deadline, what=self.what,
                             basis=f" (the rest of the first, from its first {self.steps} steps)")
 
     def ends_after(self, epoch: int) -> bool:
         pace = (time.perf_counter() - self.start) / max(1, epoch)
-        if another_epoch_fits(pace, self.deadline, reserve=self.reserve):
+        if another_epoch_fits(pace, self.deadline):
             return False
         logger.info("%s: epochs took %.0f s; another would not finish in the trial's time, so it ends after "
                     "epoch %d", self.what, pace, epoch)

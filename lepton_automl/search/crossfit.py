@@ -9,11 +9,11 @@ no part in. Repeating over several random halvings lowers the estimate's varianc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-HALVINGS = 16  # random halvings averaged over by ``chosen_epoch_accuracy``
+HALVINGS = 16  # random halvings a cross-fitted estimate is averaged over (epochs here, blends in search/blend.py)
 
 
 def stratified_halves(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -26,6 +26,13 @@ def stratified_halves(labels: np.ndarray, seed: int) -> np.ndarray:
         rng.shuffle(idx)
         half[idx[int(rng.integers(2))::2]] = 1
     return half
+
+
+def random_halvings(labels: np.ndarray, *, halvings: int = HALVINGS, seed: int = 0) -> Iterator[np.ndarray]:
+    """``halvings`` stratified halvings of the examples (``stratified_halves``), drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    for _ in range(halvings):
+        yield stratified_halves(labels, int(rng.integers(2**31)))
 
 
 def chosen_epoch_accuracy(correct: Sequence[np.ndarray], labels: np.ndarray, *, halvings: int = HALVINGS,
@@ -43,10 +50,8 @@ def chosen_epoch_accuracy(correct: Sequence[np.ndarray], labels: np.ndarray, *, 
         raise ValueError(f"correct has {right.shape[1]} examples per epoch but labels has {len(labels)}")
     if len(right) == 1:
         return float(right[0].mean())
-    rng = np.random.default_rng(seed)
     total = 0.0
-    for _ in range(halvings):
-        half = stratified_halves(labels, int(rng.integers(2**31)))
+    for half in random_halvings(labels, halvings=halvings, seed=seed):
         hits = 0
         for h in (0, 1):
             chosen = int(np.argmax(right[:, half != h].sum(axis=1)))  # argmax: the earliest of the best
