@@ -93,14 +93,23 @@ def test_full_fine_tuning_predicts_its_time_and_serves_what_it_measured(text_csv
     extra = result.extra
     assert extra["epochs_run"] == 2 and 1 <= extra["best_epoch"] <= 2 and len(extra["validation_curve"]) == 2
     assert extra["predicted_epoch_s"] > 0 and extra["measured_epoch_s"] > 0 and extra["train_cost_ratio"] > 0
-    assert extra["holdout_accuracy"] == pytest.approx(max(extra["validation_curve"]))  # the best epoch was kept
-    # The objective is its validation accuracy less the part of its lead that choosing it on the same
-    # split bought (cross-fitted; nothing when one epoch is best on every half of the split).
+    assert extra["best_epoch"] == 1 + int(np.argmax(extra["validation_curve"]))  # the best epoch was kept
+    # It ships a head refit on train+validation features of the fine-tuned network. Each validation
+    # example is scored by the fold head fit without it: those are the logits stored for blends, and
+    # what the validation accuracy counts; the shipped head saw the examples, so its logits differ.
+    validation, test = runner.splits.validation, runner.splits.test
+    assert extra["head_refit_l2"] > 0
+    held_out = result.logits["validation"]
+    assert extra["holdout_accuracy"] == pytest.approx(float((held_out.argmax(1) == validation.labels).mean()))
+    predictor = Predictor(tmp_path / "full")
+    assert not np.allclose(predictor.logits(list(validation.examples)), held_out, atol=1e-3)
+    served = predictor.logits(list(test.examples))
+    np.testing.assert_allclose(served, result.logits["test"], atol=1e-4)
+    assert float((served.argmax(1) == test.labels).mean()) == pytest.approx(result.test_accuracy)
+    # The objective is that validation accuracy less the part of the kept epoch's lead that choosing
+    # it on the same split bought (cross-fitted; nothing when one epoch is best on every half).
     assert 0.0 <= extra["epoch_choice_optimism"] <= 0.5
     assert result.accuracy == pytest.approx(extra["holdout_accuracy"] - extra["epoch_choice_optimism"])
-    validation = runner.splits.validation
-    served = Predictor(tmp_path / "full").logits(list(validation.examples))
-    assert float((served.argmax(1) == validation.labels).mean()) == pytest.approx(extra["holdout_accuracy"])
     # A configuration predicted to outlast the time the trial has is not started: here the study
     # measured earlier fine-tuning at a million forward passes per example.
     runner.trial_timeout, runner.train_cost_ratio = 60.0, 1e6
@@ -191,8 +200,9 @@ def test_a_transformer_fine_tunes_whole_with_fixed_ngram_features_beside_it(text
 
 
 def test_a_fine_tuning_keeps_time_for_all_the_pruning_stage_after_it_needs() -> None:
-    """What a full fine-tuning reserves for the pruning after it is what ``prune`` then demands: the
-    recovery epochs and the head refit (a third of an epoch and a probe fit), at the MACs left."""
+    """What a full fine-tuning reserves for what follows it is what that then demands: the recovery
+    epochs of a structured pruning, at the MACs left, and the head refit (a third of an epoch and a
+    probe fit) that every trained network ends with."""
     from types import SimpleNamespace
 
     from lepton_automl.search.training_steps import PROBE_FIT_S, TrainingSteps
@@ -207,6 +217,48 @@ def test_a_fine_tuning_keeps_time_for_all_the_pruning_stage_after_it_needs() -> 
     assert epochs == pytest.approx((2 + 1 / 3) * 0.25) and seconds == PROBE_FIT_S  # channels: (1 - 0.5)^2 of the MACs
     epochs, seconds = reserve(TextModality(), method="structured", amount=0.5, recovery_epochs=1, target="width")
     assert epochs == pytest.approx((1 + 1 / 3) * 0.5) and seconds == PROBE_FIT_S
-    # nothing to recover: dropping a transformer's layers, or no pruning
-    assert reserve(TextModality(), method="structured", amount=0.5, target="layers") == (0.0, 0.0)
-    assert reserve(ImageModality(), method="none") == (0.0, 0.0)
+    # nothing to recover (dropping a transformer's layers, or no pruning): the head refit alone
+    assert reserve(TextModality(), method="structured", amount=0.5, target="layers") == (1 / 3, PROBE_FIT_S)
+    assert reserve(ImageModality(), method="none") == (1 / 3, PROBE_FIT_S)
+
+
+def test_the_head_input_comes_out_of_fp32_and_int8_exports_beside_the_logits(image_folder, tmp_path) -> None:
+    """``onnx_logits_and_head_inputs``: what the linear head of an exported ``ExportModel`` reads, from
+    the same pass as its logits, in an fp32 file and in its int8 twins (the dequantized tensor)."""
+    from torch import nn
+
+    from lepton_automl.compression.quantization import quantize_onnx
+    from lepton_automl.exceptions import ExportError
+    from lepton_automl.export.onnx import export_onnx
+    from lepton_automl.interfaces import ExportModel, Standardize, TupleOut
+    from lepton_automl.search.scoring import onnx_logits_and_head_inputs
+
+    modality = ImageModality()
+    data = modality.load(image_folder)
+    prep = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"}
+    torch.manual_seed(0)
+    trunk = TupleOut(nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    head = nn.Sequential(Standardize(torch.full((16,), 0.1), torch.full((16,), 0.5)), nn.Linear(16, len(data.classes)))
+    model = ExportModel(trunk, nn.Identity(), head).eval()
+    feeds = modality.encode(list(data.examples), preprocessing=prep)
+    with torch.no_grad():
+        features = trunk(torch.from_numpy(feeds["pixel_values"]))[0].numpy()
+    fp32 = export_onnx(model, modality.encode(list(data.examples[:1]), preprocessing=prep), tmp_path / "m.onnx",
+                       input_names=modality.input_names(), dynamic_axes=modality.dynamic_axes())
+    logits, inputs = onnx_logits_and_head_inputs(fp32, modality, data, prep)
+    np.testing.assert_allclose(inputs, features, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, head(torch.from_numpy(inputs)).numpy(), rtol=1e-4, atol=1e-5)
+    calibration = [{"pixel_values": feeds["pixel_values"][:8]}]
+    for mode in ("int8", "int8-dynamic"):
+        int8 = quantize_onnx(fp32, tmp_path / f"{mode}.onnx", mode=mode, calibration=calibration)
+        logits8, inputs8 = onnx_logits_and_head_inputs(int8, modality, data, prep)
+        assert logits8.shape == logits.shape and inputs8.shape == inputs.shape
+        cosine = (inputs8 * features).sum(1) / (np.linalg.norm(inputs8, axis=1) * np.linalg.norm(features, axis=1))
+        assert cosine.min() > 0.9, (mode, cosine.min())  # the same features, quantized
+    bare = export_onnx(TupleOut(nn.Sequential(trunk.module, nn.Linear(16, 2))).eval(),
+                       modality.encode(list(data.examples[:1]), preprocessing=prep), tmp_path / "bare.onnx",
+                       input_names=modality.input_names(), dynamic_axes=modality.dynamic_axes())
+    with pytest.raises(ExportError, match="not an ExportModel with a linear head"):
+        onnx_logits_and_head_inputs(bare, modality, data, prep)

@@ -103,6 +103,9 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         lines.append("- Fixes made by the data check: " + ("; ".join(fixes) if fixes else "none needed"))
     else:
         lines.append("- Not recorded for this export.")
+    # Trained networks ship a head refit on train+validation features (search.training_steps.final_head).
+    refit = (" (the head was refit on train+validation: each example scored by the fold head fit without it)"
+             if m.get("head_refit_l2") is not None else "")
     lines += [
         "",
         "## Measured",
@@ -111,12 +114,12 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         f"| objective accuracy | {fmt('accuracy')} | "
         + ("5-fold cross-validation over train+validation, minus the compression's loss on validation"
            if m.get("cv_accuracy") is not None
-           else "validation split, less the kept epoch's advantage there that cross-fitting calls luck "
+           else f"validation split{refit}, less the kept epoch's advantage there that cross-fitting calls luck "
                 f"({float(m['epoch_choice_optimism']):.4f})" if m.get("epoch_choice_optimism")
-           else "validation split") + " |",
+           else f"validation split{refit}") + " |",
         f"| validation accuracy | {fmt('holdout_accuracy')} | validation split, this file"
-        + (" (the probe was fit on train+validation: not held out)" if m.get("cv_accuracy") is not None else "")
-        + " |",
+        + (" (the probe was fit on train+validation: not held out)" if m.get("cv_accuracy") is not None
+           else refit) + " |",
         f"| test accuracy | {fmt('test_accuracy')} | test split, this file (never used to choose) |",
         f"| latency, batch 1, median / p90 (ms) | {fmt('latency_ms', '.3f')} / {fmt('latency_p90_ms', '.3f')} | "
         f"{m.get('latency_device', 'the search machine')}, {m.get('latency_threads', '?')} threads |",

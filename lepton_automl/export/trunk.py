@@ -165,7 +165,7 @@ def run_trunk_splits(
 
 
 def run_onnx(
-    path: str | Path,
+    path: str | Path | bytes,
     modality: Modality,
     examples: Sequence[Any],
     *,
@@ -175,7 +175,7 @@ def run_onnx(
     progress: Progress | None = None,
     desc: str = "features",
 ) -> tuple[np.ndarray, ...]:
-    """The named ``outputs`` of the ONNX file ``path`` for all ``examples``."""
+    """The named ``outputs`` of the ONNX file ``path`` (or a serialized model's bytes) for all ``examples``."""
     names = modality.input_names()
     session = ort_session(path)
     return _in_batches(lambda feeds: session.run(list(outputs), {n: feeds[n] for n in names}), modality,

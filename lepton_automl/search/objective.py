@@ -44,12 +44,21 @@ from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.repeats import skip_repeat
 from lepton_automl.search.training_steps import TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
-from lepton_automl.search.scoring import Scores, concat_features, head_logits, onnx_accuracy, onnx_logits
+from lepton_automl.search.scoring import (
+    Scores,
+    concat_features,
+    head_inputs,
+    head_logits,
+    onnx_accuracy,
+    onnx_logits,
+    onnx_logits_and_head_inputs,
+)
 from lepton_automl.search.space import SearchSpace, suggest
 from lepton_automl.search.workers import SURPLUS_ATTR, WORKER_ATTR, is_surplus, worker_identity
 from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, FeatureCache, cache_key
 from lepton_automl.training.trainer import (
+    ProbeFit,
     TrainConfig,
     inverse_frequency_weights,
     select_probe,
@@ -203,7 +212,7 @@ class TrialRunner:
             feature_dim=sum(p.feature_dim for p in member_parts))
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
         # wall seconds per step, kept on the trial (stage_seconds)
-        stages.plan("features", "training", "pruning", "export and quantization", "scoring", "measurement")
+        stages.plan("features", "training", "pruning", "head refit", "export and quantization", "scoring", "measurement")
         self.steps.screen_trial(config, parts, latency_input, deadline)  # before its features are extracted
 
         each = [self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)]
@@ -218,9 +227,11 @@ class TrialRunner:
                                      latency_input=latency_input)
         stages.done("pruning")
         params = {**params, **rebuild}  # what a rebuild of the architecture needs (removed heads)
+        refit = self.steps.final_head(model, config, cached, prep, seed=seed, deadline=deadline, blocks=blocks)
+        stages.done("head refit")
         fp32, runtime = self._export(model, config, prep, trial_dir, seed)
         deadline.check(stages.done("export and quantization"))
-        scores = self._score(config, model, runtime, cached, prep)
+        scores = self._score(config, model, runtime, cached, prep, refit)
         if info.get("epoch_choice_optimism"):  # the kept epoch's advantage on validation that is luck
             scores = replace(scores, accuracy=scores.holdout - float(info["epoch_choice_optimism"]))
         stages.done("scoring")
@@ -231,7 +242,7 @@ class TrialRunner:
         if not math.isfinite(scores.accuracy):
             raise FloatingPointError("accuracy is not finite")
         extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": zeros,
-                 "holdout_accuracy": scores.holdout, "stage_seconds": stages.seconds, **info}
+                 "holdout_accuracy": scores.holdout, "head_refit_l2": refit.l2, "stage_seconds": stages.seconds, **info}
         metrics = {"accuracy": scores.accuracy, "test_accuracy": scores.test, "train_seconds": train_seconds,
                    **extra}
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
@@ -332,27 +343,29 @@ class TrialRunner:
 
     # -- 5. scoring -------------------------------------------------------------------------
     def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, cached: CachedArrays,
-               prep: Mapping[str, Any]) -> Scores:
+               prep: Mapping[str, Any], refit: ProbeFit) -> Scores:
+        """Validation and test accuracy of the file that ships. Its head (``refit``) was fit on the
+        validation examples too, so each of them is scored by the fold head that did not see it, on
+        the features the shipped file computes (int8 ones for an int8 file)."""
         frozen_trunk = config.train.mode != "full" and (config.prune.method == "none"
                                                         or config.drops_layers(self.modality.structured_pruning))
+        blocks = config.finetune_blocks
         if config.quant.mode == "none" and frozen_trunk:
             # The artifact is the trained fp32 model over the cached trunk: score it on the cached
             # outputs (no second pass over the data), after checking on real inputs that the file
             # computes the same.
-            blocks = config.finetune_blocks
-            logits = {split: head_logits(model.head, self._head_inputs(model, cached.arrays[split], blocks))
-                      for split in ("validation", "test")}
+            inputs = {split: head_inputs(model, cached.arrays[split], blocks) for split in ("validation", "test")}
+            logits = {split: head_logits(model.head, inputs[split]) for split in inputs}
             self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
+            validation = inputs["validation"]
         else:
-            logits = {split: onnx_logits(runtime, self.modality, getattr(self.splits, split), prep)
-                      for split in ("validation", "test")}
+            _, validation = onnx_logits_and_head_inputs(runtime, self.modality, self.splits.validation, prep)
+            logits = {"test": onnx_logits(runtime, self.modality, self.splits.test, prep)}
+        rows = len(self.splits.train) + np.arange(len(self.splits.validation))  # final_head pools train, then validation
+        logits["validation"] = refit.out_of_fold_logits(validation, rows)
         holdout, test = (float((logits[split].argmax(1) == getattr(self.splits, split).labels).mean())
                          for split in ("validation", "test"))
         return Scores(accuracy=holdout, holdout=holdout, test=test, logits=logits)
-
-    @staticmethod
-    def _head_inputs(model: ExportModel, trunk_outputs: tuple[np.ndarray, ...], blocks: int) -> np.ndarray:
-        return np.asarray(trunk_outputs[0]) if blocks == 0 else tail_features(model.tail, trunk_outputs)
 
     def _verify_artifact(self, runtime: Path, model: ExportModel, trunk_outputs: tuple[np.ndarray, ...],
                          blocks: int, prep: Mapping[str, Any], n: int = 64) -> None:
@@ -362,7 +375,7 @@ class TrialRunner:
         session = ort_session(runtime)
         file_pred = session.run(["logits"], self.modality.encode(data.examples[:n], preprocessing=prep))[0].argmax(1)
         with torch.no_grad():
-            feats = self._head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)
+            feats = head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)
             scored_pred = model.head(torch.from_numpy(np.array(feats, dtype=np.float32))).argmax(1).numpy()
         agree = float((file_pred == scored_pred).mean())
         if agree < 0.95:

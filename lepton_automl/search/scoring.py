@@ -13,13 +13,20 @@ import torch
 
 from lepton_automl.data.dataset import LabelledData
 from lepton_automl.export.trunk import run_onnx
-from lepton_automl.interfaces import Modality
+from lepton_automl.interfaces import ExportModel, Modality
 from lepton_automl.training.cache import CachedArrays
+from lepton_automl.training.trainer import tail_features
 
 
 @torch.no_grad()
 def head_logits(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
     return head(torch.from_numpy(np.array(features, dtype=np.float32))).numpy()
+
+
+def head_inputs(model: ExportModel, trunk_outputs: tuple[np.ndarray, ...], blocks: int) -> np.ndarray:
+    """What ``model``'s linear head reads, from its trunk's outputs: those outputs themselves, or with
+    ``blocks`` trained blocks, the tail's output on them."""
+    return np.asarray(trunk_outputs[0]) if blocks == 0 else tail_features(model.tail, trunk_outputs)
 
 
 def head_accuracy(head: torch.nn.Module, features: np.ndarray, labels: np.ndarray) -> float:
@@ -32,6 +39,31 @@ def onnx_logits(path: Path, modality: Modality, data: LabelledData, preprocessin
     if not np.all(np.isfinite(logits)):
         raise FloatingPointError("the exported model produced NaN/inf logits")
     return np.asarray(logits, dtype=np.float32)
+
+
+HEAD_INPUT_NODE = "/head/head.0/Sub"  # an ExportModel head's first node (Standardize), as torch.onnx names it
+
+
+def onnx_logits_and_head_inputs(path: Path, modality: Modality, data: LabelledData,
+                                preprocessing: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The exported file's logits on ``data`` and what its linear head reads (the features before
+    ``Standardize``), from one pass: the head's input is added as a second output of a copy of the
+    graph. It is the dequantized tensor in an int8 file, so a head refit on fp32 features (its fold
+    heads too) can score what the shipped trunk computes. ``ExportError`` when the file has no such head."""
+    import onnx
+
+    from lepton_automl.exceptions import ExportError
+
+    graph = onnx.load(str(path))
+    node = next((n for n in graph.graph.node if n.name == HEAD_INPUT_NODE), None)
+    if node is None:
+        raise ExportError(f"{path} has no node {HEAD_INPUT_NODE!r}: not an ExportModel with a linear head")
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+    logits, inputs = run_onnx(graph.SerializeToString(), modality, data.examples, preprocessing=preprocessing,
+                              outputs=("logits", node.input[0]))
+    if not np.all(np.isfinite(logits)):
+        raise FloatingPointError("the exported model produced NaN/inf logits")
+    return np.asarray(logits, dtype=np.float32), np.asarray(inputs, dtype=np.float32)
 
 
 def onnx_accuracy(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> float:
