@@ -187,7 +187,10 @@ def _fine_tune(model: nn.Module, modality: Modality, data: LabelledData, preproc
     with torch.random.fork_rng(devices=[]), accel.kernels(autotune=total >= 500):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        opt = torch.optim.AdamW(_groups(model, cfg))
+        # Fused AdamW on a GPU: one kernel for every parameter's update. The per-tensor (foreach) step
+        # took a quarter of a MiniLM training step's GPU time on an H200 (batch 256, 128 tokens); fused,
+        # a plain training loop ran 7.2k -> 10.8k sequences/s.
+        opt = torch.optim.AdamW(_groups(model, cfg), fused=True if accel.cuda else None)
         sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", opt,
                               num_warmup_steps=int(cfg.warmup_fraction * total),
                               **({} if cfg.schedule == "constant" else {"num_training_steps": total}))
