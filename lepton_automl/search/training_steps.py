@@ -16,6 +16,7 @@ from lepton_automl.compression.pipeline import classifier, prune_structure
 from lepton_automl.compression.pruning import prune_unstructured, zero_fraction
 from lepton_automl.compression.recovery import RECOVERY_LR, recover
 from lepton_automl.cost.macs import count_macs
+from lepton_automl.export.trunk import run_trunk_splits
 from lepton_automl.interfaces import ExportModel, ModelParts
 from lepton_automl.log import get_logger
 from lepton_automl.search.budget import another_epoch_fits, epochs_that_fit
@@ -24,9 +25,8 @@ from lepton_automl.search.crossfit import chosen_epoch_accuracy
 from lepton_automl.search.early_stopping import StopCheck
 from lepton_automl.search.limits import Deadline
 from lepton_automl.search.scoring import head_accuracy, head_inputs
-from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
-from lepton_automl.export.trunk import run_trunk_splits
 from lepton_automl.training.cache import CachedArrays
+from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
 from lepton_automl.training.trainer import ProbeFit, select_probe, tail_features
 
 if TYPE_CHECKING:
