@@ -54,20 +54,23 @@ def another_epoch_fits(epoch_seconds: float, deadline: Deadline, *, reserve: flo
 
 
 class EpochPacer:
-    """Keeps a training loop that has no prediction of its own inside the trial's time, from the pace
-    it measures (partial fine-tuning on cached trunk outputs, whose epoch cost varies 100-fold with the
-    blocks trained and the input length). ``after_batch`` checks the trial's limit after every step
-    and, after the first ``first_steps``, stops a trial whose first epoch would not finish;
-    ``ends_after(epoch)`` says whether to end training after that epoch because another would not
-    finish. In the man-page benchmark one such trial (MiniLM, 2 blocks at 256 tokens) was only checked
-    between epochs and ran to 209 s against a 150-s limit, then failed with nothing to show."""
+    """Keeps a training loop inside the trial's time, from the pace it measures. ``after_batch``
+    checks the trial's limit after every step and, after the first ``first_steps``, stops a trial
+    whose first epoch would not finish (for loops with no prediction of their own: partial fine-tuning
+    on cached trunk outputs, whose epoch cost varies 100-fold with the blocks trained and the input
+    length); ``ends_after(epoch)`` says whether to end training after that epoch because another would
+    not finish beside what follows it in the trial (``reserve_epochs`` epochs at the pace measured and
+    ``reserve_s`` seconds). In the man-page benchmark one partial fine-tuning (MiniLM, 2 blocks at 256
+    tokens) was only checked between epochs and ran to 209 s against a 150-s limit, then failed with
+    nothing to show."""
 
     def __init__(self, deadline: Deadline, *, what: str, steps_per_epoch: int, first_steps: int = 3,
-                 start: float | None = None) -> None:
+                 start: float | None = None, reserve_epochs: float = 0.0, reserve_s: float = 0.0) -> None:
         """``start``: the ``time.perf_counter()`` value training began at (now by default)."""
         self.deadline, self.what = deadline, what
         self.steps_per_epoch, self.first_steps = max(1, steps_per_epoch), first_steps
         self.start, self.steps = time.perf_counter() if start is None else start, 0
+        self.reserve_epochs, self.reserve_s = reserve_epochs, reserve_s
 
     def after_batch(self, epoch: int) -> None:
         self.deadline.check(f"{self.what} epoch {epoch}")
@@ -78,9 +81,13 @@ class EpochPacer:
             epochs_that_fit(1, left, self.deadline, what=self.what,
                             basis=f" (the rest of the first, from its first {self.steps} steps)")
 
+    def pace(self, epoch: int) -> float:
+        """Seconds per epoch so far, after ``epoch`` epochs."""
+        return (time.perf_counter() - self.start) / max(1, epoch)
+
     def ends_after(self, epoch: int) -> bool:
-        pace = (time.perf_counter() - self.start) / max(1, epoch)
-        if another_epoch_fits(pace, self.deadline):
+        pace = self.pace(epoch)
+        if another_epoch_fits(pace, self.deadline, reserve=pace * self.reserve_epochs + self.reserve_s):
             return False
         logger.info("%s: epochs took %.0f s; another would not finish in the trial's time, so it ends after "
                     "epoch %d", self.what, pace, epoch)

@@ -5,7 +5,6 @@ a predicted epoch time, early stopping's judge for partial fine-tuning, and prun
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ from lepton_automl.cost.macs import count_macs
 from lepton_automl.export.trunk import run_trunk_splits
 from lepton_automl.interfaces import ExportModel, ModelParts
 from lepton_automl.log import get_logger
-from lepton_automl.search.budget import another_epoch_fits, epochs_that_fit
+from lepton_automl.search.budget import EpochPacer, epochs_that_fit
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.crossfit import chosen_epoch_accuracy
 from lepton_automl.search.early_stopping import StopCheck
@@ -110,20 +109,17 @@ class TrainingSteps:
             # judged only from the second half of its epochs on.
             if stop is not None and accuracy is not None and epoch >= fits / 2:
                 stop(stage="fine-tuning", epoch=epoch, epochs_left=fits - epoch, accuracy=accuracy, gmacs=gmacs)
-            pace = (time.perf_counter() - begin) / epoch
-            if another_epoch_fits(pace, deadline, reserve=pace * later_epochs + later_s):
-                return False
-            logger.info("fine-tuning: epochs took %.0f s (predicted %.0f s); another would not finish in the "
-                        "trial's time, so it ends after epoch %d of %d", pace, per_epoch, epoch, fits)
-            return True
+            return pacer.ends_after(epoch)  # another epoch, at the pace measured, must fit beside what follows
 
         cfg = dataclasses.replace(cfg, epochs=fits)
-        begin = time.perf_counter()
+        pacer = EpochPacer(deadline, what=f"fine-tuning (predicted {per_epoch:.0f} s per epoch)",
+                           steps_per_epoch=-(-len(self.splits.train) // cfg.batch_size),
+                           reserve_epochs=later_epochs, reserve_s=later_s)
         log = fine_tune(model, self.modality, self.splits.train, prep, cfg, validation=self.splits.validation,
                         accel=self.runner.accelerator,
                         after_batch=lambda epoch: deadline.check(f"fine-tuning epoch {epoch}"),
                         after_epoch=after_epoch, progress=self.runner.progress)
-        measured = (time.perf_counter() - begin) / max(1, len(log.seconds_per_epoch))
+        measured = pacer.pace(len(log.seconds_per_epoch))
         # The kept epoch is the best of several on the validation split, so its score there is biased
         # upwards; what the objective subtracts (``Scores.accuracy``) is that bias, estimated by choosing
         # the epoch on half the split and scoring it on the other half.
