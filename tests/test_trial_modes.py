@@ -69,6 +69,15 @@ def test_an_ensemble_trial_exports_one_model_that_serves_what_it_measured(image_
     single = runner.evaluate({"backbone": "efficientnet_lite0", **base}, trial_dir=tmp_path / "one", seed=0)
     both = runner.evaluate({"backbone": ENSEMBLE, **base}, trial_dir=tmp_path / "two", seed=0)
     assert both.extra["cache_hit"] is False  # lite1 was never extracted before
+    # Its batch-1 latency was timed; its time at the serving batch is its members' summed (each timed).
+    store = runner.probes.trunks
+    members = [store.get(p.name) for p in store.root.iterdir() if p.name != both.extra["trunk"]]
+    assert len(members) == 2 and not any(m.measured["serving_batch_summed"] for m in members)
+    assert both.extra["serving_batch_summed"] and not single.extra["serving_batch_summed"]
+    assert both.extra["latency_serving_batch_ms"] == pytest.approx(
+        sum(m.measured["latency_serving_batch_ms"] for m in members))
+    assert both.extra["throughput_per_s"] == pytest.approx(
+        1000.0 * both.extra["serving_batch"] / both.extra["latency_serving_batch_ms"])
     materialize(tmp_path / "two", modality=modality, registry=runner.registry)
     assert both.params_m > single.params_m and both.extra["gmacs"] > single.extra["gmacs"]
     assert len(load_metadata(tmp_path / "two")["members"]) == 2

@@ -64,12 +64,15 @@ SERVING_PLAN = TimingPlan(warmup=2, round_runs=3, max_rounds=1, max_seconds=1.0,
 def measure_artifact(runtime: str | Path | bytes | Any, latency_input: Mapping[str, np.ndarray], *, model: Any,
                      input_names: Sequence[str], cost: CostModel | None = None, train_seconds: float = 0.0,
                      threads: int | None = None, serving_batch: int = 32,
-                     counts: tuple[float, float] | None = None, shipped: str | Path | None = None) -> Measurement:
+                     counts: tuple[float, float] | None = None, shipped: str | Path | None = None,
+                     serving_ms: float | None = None) -> Measurement:
     """Measure ``runtime``: an ONNX file, or a serialized ONNX model's bytes (ONNX Runtime; the bytes
     are what would be written), or an ``OnnxTimer`` already holding a session on one (whose caller
     checked its outputs first), or a ``TorchRuntime`` (torch, CUDA events on a GPU; ``shipped`` then
     names the file that ships, its safetensors). ``model`` is its torch twin, for MACs and parameters,
-    or None when ``counts`` gives them (GMACs per example, millions of parameters)."""
+    or None when ``counts`` gives them (GMACs per example, millions of parameters). ``serving_ms``: the
+    time of one call at ``serving_batch`` where the caller knows it without timing this model (a merge
+    of models run one after another: the sum of theirs); batch-1 latency is always timed."""
     in_ort = isinstance(runtime, (str, Path, bytes, OnnxTimer))
     if isinstance(runtime, OnnxTimer):
         timed: Any = runtime
@@ -84,7 +87,11 @@ def measure_artifact(runtime: str | Path | bytes | Any, latency_input: Mapping[s
             raise ValueError("a torch runtime ships no file of its own: pass shipped=PATH (its safetensors)")
         data = Path(shipped).read_bytes()
     latency = timed(latency_input, TimingPlan())
-    served = latency if serving_batch <= 1 else timed(batch_of(latency_input, serving_batch), SERVING_PLAN)
+    if serving_ms is not None and serving_batch > 1:
+        served = dataclasses.replace(latency, median_ms=float(serving_ms), p90_ms=float(serving_ms), runs=0,
+                                     batch_size=serving_batch)
+    else:
+        served = latency if serving_batch <= 1 else timed(batch_of(latency_input, serving_batch), SERVING_PLAN)
     return Measurement(
         latency_ms=latency.median_ms, latency_p90_ms=latency.p90_ms, latency_runs=latency.runs,
         latency_threads=latency.threads, latency_device=latency.device, serving_batch=served.batch_size,

@@ -124,7 +124,7 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         f"| latency, batch 1, median / p90 (ms) | {fmt('latency_ms', '.3f')} / {fmt('latency_p90_ms', '.3f')} | "
         f"{m.get('latency_device', 'the search machine')}, {m.get('latency_threads', '?')} threads |",
         f"| latency, batch {m.get('serving_batch', '?')}, median (ms) | {fmt('latency_serving_batch_ms', '.3f')} | "
-        "same |",
+        + ("the sum of the merged backbones' own, each timed so" if m.get("serving_batch_summed") else "same") + " |",
         f"| throughput (examples/s) | {fmt('throughput_per_s', '.1f')} | same, serving batch |",
         f"| MACs per example (G) | {fmt('gmacs', '.3f')} | counted on the torch model |",
         f"| parameters (M) | {fmt('params_m', '.2f')} | |",

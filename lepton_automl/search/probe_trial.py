@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 VERIFY_EXAMPLES = 32
+# A merge of trunks each checked on VERIFY_EXAMPLES rows is checked on this many, one per call: batch-1
+# calls, the shape its latency is timed at, so they are that timing's warm-up. A batch of 32 rows
+# through the three-backbone ensemble at 224 px took 1.45 s on its first call.
+MERGE_VERIFY_EXAMPLES = 8
 # The exported trunk must compute the cached features: per example, |exported - cached| / |cached| at most this.
 VERIFY_MAX_ERROR = 0.01
 
@@ -241,7 +245,7 @@ class ProbeTrials:
         params_m = sum(float(p.measured["trunk_params_m"]) for p in parts)
         counts = (gmacs + _head_gmacs(head), params_m + _head_params_m(head))
         check = cached_validation if quant == "none" else None  # fp32: checked as measured, copied or not
-        measured = self._measure(runtime, prep, head, counts, check=check)
+        measured = self._measure(runtime, prep, head, counts, check=check, members=parts)
         clock.done("measurement")
         return runtime.name, quant, features, {**measured, "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
@@ -251,29 +255,48 @@ class ProbeTrials:
                                 outputs=("features",))[0] for split in ("validation", "test")}
 
     def _measure(self, runtime: Path, prep: Mapping[str, Any], head: torch.nn.Sequential,
-                 counts: tuple[float, float], *, check: np.ndarray | None = None) -> dict[str, Any]:
+                 counts: tuple[float, float], *, check: np.ndarray | None = None,
+                 members: list[TrunkEntry] | None = None) -> dict[str, Any]:
         """Latency, throughput and size of the trunk with a head of the study's shape appended. With
         ``check`` (the cached features of the validation split), the measured model is first checked
-        against them, through the session that then times it."""
+        against them, through the session that then times it.
+
+        ``members``: the measured entries ``runtime`` merges side by side. Its batch-1 latency is timed
+        as any trunk's; its time at the serving batch, which prices inference and orders nothing, is
+        the sum of theirs (the merge runs them one after another). Summed and timed, the three
+        backbones' merge at batch 32 took 104/107 ms (96 px), 296/291 and 291/291 ms (160 px), 587/577
+        and 585/576 ms (224 px); timing it took 3-3.5 s of every such entry's 4.6-5.0 s of measurement,
+        most of it ONNX Runtime's two slow first calls at a new batch size."""
         r = self.runner
         timer = OnnxTimer(linear_head_bytes(runtime, head), threads=r.threads)
+        serving_ms = None
+        if members is not None:
+            serving_ms = sum(float(m.measured["latency_serving_batch_ms"]) for m in members)
         if check is not None:
             # VERIFY_EXAMPLES rows: at the default --serving-batch (32) the same shape the throughput is
-            # timed at, so this call is that timing's warm-up (OnnxTimer.run)
-            self._verify(timer, check, prep, head=head)
-        return measure_artifact(timer, r.latency_example(prep, r.seed), model=None,
-                                input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
-                                threads=r.threads, serving_batch=r.serving_batch, counts=counts).metrics()
+            # timed at, so this call is that timing's warm-up (OnnxTimer.run); a merge's rows go one
+            # per call, the batch-1 timing's warm-up
+            self._verify(timer, check, prep, head=head,
+                         **({} if members is None else {"examples": MERGE_VERIFY_EXAMPLES, "batch": 1}))
+        measured = measure_artifact(timer, r.latency_example(prep, r.seed), model=None,
+                                    input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
+                                    threads=r.threads, serving_batch=r.serving_batch, counts=counts,
+                                    serving_ms=serving_ms).metrics()
+        return {**measured, "serving_batch_summed": serving_ms is not None}
 
     def _verify(self, session: Any, cached_validation: np.ndarray, prep: Mapping[str, Any], *,
-                head: torch.nn.Sequential | None = None) -> None:
-        """The exported trunk must compute the features the probe was fit on, on real inputs. With
+                head: torch.nn.Sequential | None = None, examples: int = VERIFY_EXAMPLES,
+                batch: int | None = None) -> None:
+        """The exported trunk must compute the features the probe was fit on, on real inputs (the first
+        ``examples`` of the validation split, ``batch`` per call, all in one by default). With
         ``head``, ``session`` runs trunk + head, and its logits are held against the head's logits
         on the cached features: the check then covers the very bytes that are measured."""
         r = self.runner
-        n = min(VERIFY_EXAMPLES, len(r.splits.validation))
+        n = min(examples, len(r.splits.validation))
         feeds = r.modality.encode(r.splits.validation.examples[:n], preprocessing=prep)
-        got = session.run(None, {name: feeds[name] for name in r.modality.input_names()})[0]
+        step = batch or n
+        got = np.concatenate([session.run(None, {name: feeds[name][i : i + step] for name in r.modality.input_names()})[0]
+                              for i in range(0, n, step)])
         want = cached_validation[:n]
         if head is not None:
             with torch.no_grad():
