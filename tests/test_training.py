@@ -212,3 +212,27 @@ def test_partial_fine_tuning_reports_every_step_and_is_paced_inside_the_trial_ti
     now = time.perf_counter()
     slow = EpochPacer(Deadline(now, AFTER_TRAINING_S + 50.0), what="fine-tuning", steps_per_epoch=8, start=now - 100.0)
     assert slow.ends_after(1) and not EpochPacer(Deadline(now, None), what="x", steps_per_epoch=8).ends_after(1)
+
+
+def test_weighted_rows_pull_the_head_and_judged_rows_alone_choose_the_strength() -> None:
+    x, y = _blobs(300, dims=40, informative=8, seed=0)
+    # The same examples twice, the second copy with its labels shifted by one class: the head must
+    # side with the copy that weighs more.
+    twice = np.concatenate([x, x])
+    labels = np.concatenate([y, (y + 1) % 3])
+    second = np.arange(len(labels)) >= len(y)
+    x_test, y_test = _blobs(2000, dims=40, informative=8, seed=1)
+
+    def agrees_with_first(fit) -> float:
+        with torch.no_grad():
+            return float((fit.head(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+
+    first_heavier = select_probe(twice, labels, 3, seed=0, row_weights=np.where(second, 1.0, 2.0))
+    second_heavier = select_probe(twice, labels, 3, seed=0, row_weights=np.where(second, 2.0, 1.0))
+    assert agrees_with_first(first_heavier) > 0.6 > 0.2 > agrees_with_first(second_heavier)
+    # Judged on the first copy alone: its out-of-fold accuracy, scored by the fold heads, is cv_accuracy.
+    judged = select_probe(twice, labels, 3, seed=0, row_weights=np.where(second, 1.0, 2.0), judged_rows=~second)
+    rows = np.flatnonzero(~second)
+    assert judged.cv_accuracy == pytest.approx(judged.out_of_fold_accuracy(x, y, rows), abs=1e-9)
+    assert judged.cv_accuracy > 0.6  # the whole pool's accuracy could not be: every example is there twice, once wrong
+    assert max(first_heavier.cv_by_l2.values()) < 0.6

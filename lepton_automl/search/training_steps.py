@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
+# A validation row counts this many training rows in a trained network's head refit (final_head).
+REFIT_VALIDATION_WEIGHT = 2.0
 PROBE_FIT_S = 5.0  # a cross-validated probe fit on a trial's features, at most (measured 1-5 s on 2 cores)
 # The head refit after training or pruning (``final_head``): a forward pass over the training and
 # validation splits (about a third of a training epoch) and a probe fit. What a fine-tuning, the
@@ -241,7 +243,16 @@ class TrainingSteps:
         in, on the man-page set (MiniLM + hashed n-grams fine-tuned whole, three configurations) test
         accuracy went from 0.762 / 0.776 / 0.769 (the fine-tuned head) to 0.797 / 0.800 / 0.802, the
         chosen L2 from 0.001 to 0.01-0.03; on glyphs (lite0, 128 px) from 0.641 to 0.647. A head refit
-        on the training split alone scored 0.765-0.772 and 0.625: the gain is the validation rows'."""
+        on the training split alone scored 0.765-0.772 and 0.625: the gain is the validation rows'.
+
+        So the validation rows weigh ``REFIT_VALIDATION_WEIGHT`` times a training row in the fit, and the
+        L2 strength is chosen by the out-of-fold accuracy on them alone: the network was fit to the
+        training rows, whose features it has already separated and whose held-out folds say little of
+        a new example. Over eight fine-tunes (lite0 on glyphs at 128 and 160 px, two split seeds;
+        MiniLM + n-grams on man pages at 32-128 tokens, two split seeds) the shipped head's test accuracy
+        went up by 0.66 points on average (+1.25, +1.9, 0 on glyphs; -0.2, +0.7, +0.9, +0.7, 0 on man
+        pages) against the unweighted refit judged on every row; with the validation rows weighed as
+        much as all the training rows together (about 3 each), +0.16; judged on them, unweighted, +0.08."""
         r = self.runner
         splits = {"train": r.splits.train, "validation": r.splits.validation}
         if config.train.mode == "full" or config.prune.method != "none":  # the trunk changed: run it again
@@ -253,9 +264,11 @@ class TrainingSteps:
         deadline.check("the head refit's features")
         features = np.concatenate([head_inputs(model, trunk_outputs[s], config.finetune_blocks) for s in splits])
         labels = np.concatenate([d.labels for d in splits.values()])
+        validation = np.arange(len(labels)) >= len(r.splits.train)
         fit = select_probe(features, labels, len(r.splits.classes), seed=seed,
                            class_weights=r.class_weights_for_training(),
-                           blocks=blocks if config.finetune_blocks == 0 else None)
+                           blocks=blocks if config.finetune_blocks == 0 else None,
+                           row_weights=np.where(validation, REFIT_VALIDATION_WEIGHT, 1.0), judged_rows=validation)
         model.head = fit.head
         deadline.check("the head refit")
         return fit

@@ -142,7 +142,8 @@ class ProbeFit:
 
 def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, seed: int,
                  class_weights: tuple[float, ...] | None = None, grid: Sequence[float] = PROBE_L2_GRID,
-                 folds: int = 5, blocks: Sequence[int] | None = None, patience: int = 2) -> ProbeFit:
+                 folds: int = 5, blocks: Sequence[int] | None = None, patience: int = 2,
+                 row_weights: np.ndarray | None = None, judged_rows: np.ndarray | None = None) -> ProbeFit:
     """Pick the probe's L2 strength by stratified ``folds``-fold cross-validation, then fit on everything.
 
     One call replaces a search over the strength: along the grid (strongest first) each fold's fit
@@ -153,6 +154,11 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     strength and runs ``FINAL_ITERATIONS``. ``blocks``: the widths of concatenated feature blocks, each
     scaled on its own (``feature_scale``). The fits run on ``_Design``: sparse blocks stay sparse, and
     dense blocks with fewer examples than half their features run on the examples' span.
+
+    ``row_weights``: each example's weight in every fit (times its class's, ``class_weights``);
+    ``judged_rows``: the examples (a mask) whose out-of-fold accuracy chooses the strength, all by
+    default; ``cv_accuracy`` is then theirs. A trained network's head refit weighs and judges the
+    validation rows, whose features the network was not fit to (``search.training_steps.final_head``).
     """
     x = np.array(features, dtype=np.float32)  # copies: cached arrays are read-only memory maps
     labels = np.array(labels, dtype=np.int64)
@@ -163,6 +169,8 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
         rng.shuffle(idx)
         fold_of[idx] = (np.arange(len(idx)) + int(rng.integers(folds))) % folds
     weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+    rows_weight = None if row_weights is None else torch.as_tensor(np.asarray(row_weights, dtype=np.float32))
+    judged = torch.ones(len(labels), dtype=torch.bool) if judged_rows is None else torch.as_tensor(np.asarray(judged_rows, dtype=bool))
     # Standardised once, with the statistics of all the examples: a held-out fold's features move the
     # scale a little, its labels never reach a fit.
     mean, std = feature_scale(x, blocks)
@@ -181,10 +189,10 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     worse = 0
     kept = ([p.detach().clone() for p in w], b.detach().clone())
     for l2 in grid:
-        _lbfgs_folds(w, b, design, y, ~held, l2=float(l2), weights=weights, iters=PATH_ITERATIONS)
+        _lbfgs_folds(w, b, design, y, ~held, l2=float(l2), weights=weights, iters=PATH_ITERATIONS, rows=rows_weight)
         with torch.no_grad():
             predicted = design.logits(w, b).argmax(2).T  # (folds, examples)
-            accuracy = int(((predicted == y[None]) & held).sum()) / len(labels)
+            accuracy = int(((predicted == y[None]) & held & judged[None]).sum()) / int(judged.sum())
         worse = worse + 1 if by_l2 and accuracy < max(by_l2.values()) else 0
         if not by_l2 or accuracy > max(by_l2.values()):  # the best so far (ties keep the stronger one)
             kept = ([p.detach().clone() for p in w], b.detach().clone())
@@ -197,7 +205,8 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     whole = [p.detach().mean(0, keepdim=True).requires_grad_(True) for p in kept[0]]
     whole_bias = kept[1].detach().mean(0, keepdim=True).requires_grad_(True)
     everything = torch.ones(1, len(labels), dtype=torch.bool)
-    _lbfgs_folds(whole, whole_bias, design, y, everything, l2=float(best), weights=weights, iters=FINAL_ITERATIONS)
+    _lbfgs_folds(whole, whole_bias, design, y, everything, l2=float(best), weights=weights, iters=FINAL_ITERATIONS,
+                 rows=rows_weight)
     head = nn.Sequential(Standardize(torch.from_numpy(mean), torch.from_numpy(std)),
                          nn.Linear(len(mean), num_classes))
     with torch.no_grad():
@@ -298,7 +307,8 @@ def _fold_logits(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
 
 def _lbfgs_folds(w: Sequence[torch.Tensor], b: torch.Tensor, design: _Design, y: torch.Tensor,
-                 trains: torch.Tensor, *, l2: float, weights: torch.Tensor | None, iters: int) -> None:
+                 trains: torch.Tensor, *, l2: float, weights: torch.Tensor | None, iters: int,
+                 rows: torch.Tensor | None = None) -> None:
     """Fit the cross-validation folds' probes at once: the sum of their objectives (each the mean
     weighted cross-entropy over its training rows, ``trains[f]``, + l2/2 ||W_f||^2) separates, so its
     minimum is every fold's own. The thin products of one fold at a time were bound by reading ``z``:
@@ -306,7 +316,10 @@ def _lbfgs_folds(w: Sequence[torch.Tensor], b: torch.Tensor, design: _Design, y:
     opt = torch.optim.LBFGS([*w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-6)
     folds, n = trains.shape
+    row_weight = rows
     rows = trains.float() if weights is None else trains.float() * weights[y][None, :]
+    if row_weight is not None:
+        rows = rows * row_weight[None, :]
     rows = rows / rows.sum(1, keepdim=True)
     targets = y.repeat(folds)
 
