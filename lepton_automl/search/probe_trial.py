@@ -250,9 +250,11 @@ class ProbeTrials:
         return runtime.name, quant, features, {**measured, "trunk_gmacs": gmacs, "trunk_params_m": params_m}
 
     def _run_splits(self, path: Path, prep: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The runtime trunk's features of the validation and test splits, in one pass (one session)."""
         r = self.runner
-        return {split: run_onnx(path, r.modality, getattr(r.splits, split).examples, preprocessing=prep,
-                                outputs=("features",))[0] for split in ("validation", "test")}
+        validation, test = r.splits.validation.examples, r.splits.test.examples
+        (features,) = run_onnx(path, r.modality, [*validation, *test], preprocessing=prep, outputs=("features",))
+        return {"validation": features[: len(validation)], "test": features[len(validation) :]}
 
     def _measure(self, runtime: Path, prep: Mapping[str, Any], head: torch.nn.Sequential,
                  counts: tuple[float, float], *, check: np.ndarray | None = None,
