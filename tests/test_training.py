@@ -212,6 +212,14 @@ def test_partial_fine_tuning_reports_every_step_and_is_paced_inside_the_trial_ti
     now = time.perf_counter()
     slow = EpochPacer(Deadline(now, AFTER_TRAINING_S + 50.0), what="fine-tuning", steps_per_epoch=8, start=now - 100.0)
     assert slow.ends_after(1) and not EpochPacer(Deadline(now, None), what="x", steps_per_epoch=8).ends_after(1)
+    # 130 s left: another 100-s epoch fits, unless the head refit that follows a partial fine-tuning
+    # keeps its time (a third of an epoch and a probe fit: 38 s here).
+    from lepton_automl.search.training_steps import REFIT_EPOCHS, REFIT_S
+
+    roomy = EpochPacer(Deadline(now, AFTER_TRAINING_S + 130.0), what="fine-tuning", steps_per_epoch=8, start=now - 100.0)
+    kept = EpochPacer(Deadline(now, AFTER_TRAINING_S + 130.0), what="fine-tuning", steps_per_epoch=8, start=now - 100.0,
+                      reserve_epochs=REFIT_EPOCHS, reserve_s=REFIT_S)
+    assert not roomy.ends_after(1) and kept.ends_after(1)
 
 
 def test_weighted_rows_pull_the_head_and_judged_rows_alone_choose_the_strength() -> None:

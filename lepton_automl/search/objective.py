@@ -42,7 +42,7 @@ from lepton_automl.search.blend import PREDICTIONS_ATTR, save_predictions
 from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeout, usefulness_floor
 from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.repeats import skip_repeat
-from lepton_automl.search.training_steps import TrainingSteps
+from lepton_automl.search.training_steps import REFIT_EPOCHS, REFIT_S, TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import (
     Scores,
@@ -327,7 +327,10 @@ class TrialRunner:
                              epochs=int(config.train.epochs), seed=seed, class_weights=weights)
             judge = self.steps.fine_tune_judge(stop, config, parts, head, cached.arrays["validation"], latency_input)
             judge(0, head)
-            pacer = EpochPacer(deadline, what="fine-tuning", steps_per_epoch=-(-len(labels) // ft.batch_size))
+            # Keep time for the head refit that follows (a forward pass of the tail over train +
+            # validation and a probe fit: ``TrainingSteps.final_head``).
+            pacer = EpochPacer(deadline, what="fine-tuning", steps_per_epoch=-(-len(labels) // ft.batch_size),
+                               reserve_epochs=REFIT_EPOCHS, reserve_s=REFIT_S)
             train_tail(parts.tail, head, train_inputs, labels, ft, after_batch=pacer.after_batch,
                        should_stop=lambda epoch, h: judge(epoch, h) or pacer.ends_after(epoch))
         return model.eval(), info
