@@ -244,3 +244,5 @@ def test_weighted_rows_pull_the_head_and_judged_rows_alone_choose_the_strength()
     assert judged.cv_accuracy == pytest.approx(judged.out_of_fold_accuracy(x, y, rows), abs=1e-9)
     assert judged.cv_accuracy > 0.6  # the whole pool's accuracy could not be: every example is there twice, once wrong
     assert max(first_heavier.cv_by_l2.values()) < 0.6
+    with pytest.raises(ValueError, match="judged_rows must mark at least one of the 600 examples"):
+        select_probe(twice, labels, 3, seed=0, judged_rows=np.zeros(len(labels), dtype=bool))

@@ -268,7 +268,8 @@ class TrainingSteps:
         fit = select_probe(features, labels, len(r.splits.classes), seed=seed,
                            class_weights=r.class_weights_for_training(),
                            blocks=blocks if config.finetune_blocks == 0 else None,
-                           row_weights=np.where(validation, REFIT_VALIDATION_WEIGHT, 1.0), judged_rows=validation)
+                           row_weights=np.where(validation, REFIT_VALIDATION_WEIGHT, 1.0),
+                           judged_rows=validation if validation.any() else None)
         model.head = fit.head
         deadline.check("the head refit")
         return fit

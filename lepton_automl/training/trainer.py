@@ -171,6 +171,9 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
     rows_weight = None if row_weights is None else torch.as_tensor(np.asarray(row_weights, dtype=np.float32))
     judged = torch.ones(len(labels), dtype=torch.bool) if judged_rows is None else torch.as_tensor(np.asarray(judged_rows, dtype=bool))
+    if judged.shape != (len(labels),) or not bool(judged.any()):
+        raise ValueError(f"judged_rows must mark at least one of the {len(labels)} examples (a boolean mask of "
+                         f"that length); got {int(judged.sum())} of {tuple(judged.shape)}")
     # Standardised once, with the statistics of all the examples: a held-out fold's features move the
     # scale a little, its labels never reach a fit.
     mean, std = feature_scale(x, blocks)
