@@ -169,7 +169,7 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
         rng.shuffle(idx)
         fold_of[idx] = (np.arange(len(idx)) + int(rng.integers(folds))) % folds
     weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-    rows_weight = None if row_weights is None else torch.as_tensor(np.asarray(row_weights, dtype=np.float32))
+    per_row = None if row_weights is None else torch.as_tensor(np.asarray(row_weights, dtype=np.float32))
     judged = torch.ones(len(labels), dtype=torch.bool) if judged_rows is None else torch.as_tensor(np.asarray(judged_rows, dtype=bool))
     if judged.shape != (len(labels),) or not bool(judged.any()):
         raise ValueError(f"judged_rows must mark at least one of the {len(labels)} examples (a boolean mask of "
@@ -192,7 +192,7 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     worse = 0
     kept = ([p.detach().clone() for p in w], b.detach().clone())
     for l2 in grid:
-        _lbfgs_folds(w, b, design, y, ~held, l2=float(l2), weights=weights, iters=PATH_ITERATIONS, rows=rows_weight)
+        _lbfgs_folds(w, b, design, y, ~held, l2=float(l2), weights=weights, iters=PATH_ITERATIONS, row_weights=per_row)
         with torch.no_grad():
             predicted = design.logits(w, b).argmax(2).T  # (folds, examples)
             accuracy = int(((predicted == y[None]) & held & judged[None]).sum()) / int(judged.sum())
@@ -209,7 +209,7 @@ def select_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, 
     whole_bias = kept[1].detach().mean(0, keepdim=True).requires_grad_(True)
     everything = torch.ones(1, len(labels), dtype=torch.bool)
     _lbfgs_folds(whole, whole_bias, design, y, everything, l2=float(best), weights=weights, iters=FINAL_ITERATIONS,
-                 rows=rows_weight)
+                 row_weights=per_row)
     head = nn.Sequential(Standardize(torch.from_numpy(mean), torch.from_numpy(std)),
                          nn.Linear(len(mean), num_classes))
     with torch.no_grad():
@@ -311,18 +311,18 @@ def _fold_logits(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
 def _lbfgs_folds(w: Sequence[torch.Tensor], b: torch.Tensor, design: _Design, y: torch.Tensor,
                  trains: torch.Tensor, *, l2: float, weights: torch.Tensor | None, iters: int,
-                 rows: torch.Tensor | None = None) -> None:
+                 row_weights: torch.Tensor | None = None) -> None:
     """Fit the cross-validation folds' probes at once: the sum of their objectives (each the mean
-    weighted cross-entropy over its training rows, ``trains[f]``, + l2/2 ||W_f||^2) separates, so its
-    minimum is every fold's own. The thin products of one fold at a time were bound by reading ``z``:
-    the folds together take half the time (1.3-2x over the whole selection)."""
+    weighted cross-entropy over its training rows, ``trains[f]``, a row weighing its class's weight
+    times its own, + l2/2 ||W_f||^2) separates, so its minimum is every fold's own. The thin products
+    of one fold at a time were bound by reading ``z``: the folds together take half the time (1.3-2x
+    over the whole selection)."""
     opt = torch.optim.LBFGS([*w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-6)
     folds, n = trains.shape
-    row_weight = rows
     rows = trains.float() if weights is None else trains.float() * weights[y][None, :]
-    if row_weight is not None:
-        rows = rows * row_weight[None, :]
+    if row_weights is not None:
+        rows = rows * row_weights[None, :]
     rows = rows / rows.sum(1, keepdim=True)
     targets = y.repeat(folds)
 
