@@ -231,6 +231,34 @@ def test_a_fine_tuning_keeps_time_for_all_the_pruning_stage_after_it_needs() -> 
     assert reserve(ImageModality(), method="none") == (1 / 3, PROBE_FIT_S)
 
 
+def test_a_partial_fine_tuning_keeps_time_for_the_recovery_after_it(image_folder, tmp_path) -> None:
+    """A partial fine-tuning followed by a structured pruning keeps, in seconds, what the recovery
+    epochs and the head refit take at least: the pruned network's MACs at the fastest rate timed."""
+    from lepton_automl.cost.macs import count_macs
+    from lepton_automl.interfaces import ExportModel, build_seeded
+    from lepton_automl.search.training_steps import PROBE_FIT_S
+
+    modality = ImageModality()
+    runner = _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path, "efficientnet_lite0")
+    params = {"backbone": "efficientnet_lite0", "data__image_size": 64, "train__mode": "finetune", "train__blocks": 1,
+              "train__epochs": 2, "optim__lr": 1e-3, "quant__mode": "none", "prune__method": "structured",
+              "prune__amount": 0.5, "prune__recovery_epochs": 2}
+    config = TrialConfig.from_params(params)
+    card = runner.registry.get("efficientnet_lite0")
+    parts = build_seeded(modality, card, runner.registry, params=params, finetune_blocks=config.finetune_blocks,
+                         pretrained=False, seed=0)
+    example = runner.latency_example(runner._preprocessing([card], params), 0)
+    steps = runner.steps
+    assert steps.after_partial_fine_tuning(config, parts, example) == 0.0  # no training step timed yet
+    steps.step_seconds_per_gmac.append(0.01)
+    gmacs = count_macs(ExportModel(parts.trunk, parts.tail, torch.nn.Identity()), example, modality.input_names()) / 1e9
+    epoch = steps.least_epoch_seconds(gmacs * 0.25)  # channels cut by half: a quarter of the MACs
+    assert epoch is not None and epoch > 0
+    assert steps.after_partial_fine_tuning(config, parts, example) == pytest.approx(epoch * (2 + 1 / 3) + PROBE_FIT_S)
+    for other in ({"prune__method": "none"}, {"prune__method": "unstructured", "prune__amount": 0.5}):
+        assert steps.after_partial_fine_tuning(TrialConfig.from_params({**params, **other}), parts, example) == 0.0
+
+
 def test_the_head_input_comes_out_of_fp32_and_int8_exports_beside_the_logits(image_folder, tmp_path) -> None:
     """``onnx_logits_and_head_inputs``: what the linear head of an exported ``ExportModel`` reads, from
     the same pass as its logits, in an fp32 file and in its int8 twins (the dequantized tensor)."""

@@ -327,10 +327,12 @@ class TrialRunner:
                              epochs=int(config.train.epochs), seed=seed, class_weights=weights)
             judge = self.steps.fine_tune_judge(stop, config, parts, head, cached.arrays["validation"], latency_input)
             judge(0, head)
-            # Keep time for the head refit that follows (a forward pass of the tail over train +
-            # validation and a probe fit: ``TrainingSteps.final_head``).
+            # Keep time for what follows: a structured pruning's recovery and the head refit after it,
+            # in seconds from the pruned network's MACs; else the head refit alone (a forward pass of
+            # the tail over train + validation and a probe fit: ``TrainingSteps.final_head``).
+            later_s = self.steps.after_partial_fine_tuning(config, parts, latency_input)
             pacer = EpochPacer(deadline, what="fine-tuning", steps_per_epoch=-(-len(labels) // ft.batch_size),
-                               reserve_epochs=REFIT_EPOCHS, reserve_s=REFIT_S)
+                               reserve_epochs=0.0 if later_s else REFIT_EPOCHS, reserve_s=later_s or REFIT_S)
             train_tail(parts.tail, head, train_inputs, labels, ft, after_batch=pacer.after_batch,
                        should_stop=lambda epoch, h: judge(epoch, h) or pacer.ends_after(epoch))
         return model.eval(), info

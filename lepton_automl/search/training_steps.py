@@ -198,12 +198,33 @@ class TrainingSteps:
         seconds per GMAC of the training steps this worker timed. Timing takes three forward and backward
         passes at the batch size: 24 s of efficientnet_lite1 at 224 px on 2 cores, spent by trials that
         were then not started. The first trial that trains times its step without this check."""
-        if not self.step_seconds_per_gmac or gmacs <= 0:
+        at_least = self.least_epoch_seconds(gmacs, batch_size)
+        if at_least is None:
             return
-        step_s = min(self.step_seconds_per_gmac) * gmacs * min(batch_size, len(self.splits.train))
-        at_least = self._epoch(step_s, batch_size) * min(1.0, self.runner.train_cost_ratio or 1.0)
         epochs_that_fit(1, at_least, deadline, what=what, reserve=reserve_s + reserve_epochs * at_least,
                         basis=" at least (from its MACs, at the fastest rate per GMAC this search's training ran)")
+
+    def least_epoch_seconds(self, gmacs: float, batch_size: int = 32) -> float | None:
+        """Seconds one training epoch of a network of ``gmacs`` (one example's forward pass) takes at
+        least: at the fastest seconds per GMAC of the training steps this worker timed. None before any."""
+        if not self.step_seconds_per_gmac or gmacs <= 0:
+            return None
+        step_s = min(self.step_seconds_per_gmac) * gmacs * min(batch_size, len(self.splits.train))
+        return self._epoch(step_s, batch_size) * min(1.0, self.runner.train_cost_ratio or 1.0)
+
+    def after_partial_fine_tuning(self, config: TrialConfig, parts: ModelParts,
+                                  latency_input: Mapping[str, np.ndarray]) -> float:
+        """Seconds, at least, that a structured pruning's recovery and the head refit after it take
+        once a partial fine-tuning ends (``least_epoch_seconds`` of the pruned network); 0 without such
+        a pruning, or before any training step was timed. What the fine-tuning keeps free: a man-page
+        trial fine-tuned two blocks for 103 s, then had no time for one 89-s recovery epoch, which was
+        not started, and the trial was lost."""
+        if not self.recovers(config) or not self.step_seconds_per_gmac:
+            return 0.0
+        model = ExportModel(parts.trunk, parts.tail, torch.nn.Identity())
+        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 * self.macs_kept(config)
+        epoch = self.least_epoch_seconds(gmacs)
+        return 0.0 if epoch is None else epoch * (int(config.prune.recovery_epochs) + REFIT_EPOCHS) + REFIT_S
 
     # -- pruning, then recovery ------------------------------------------------------------
     def prune(self, model: ExportModel, config: TrialConfig, prep: Mapping[str, Any], *, seed: int,
