@@ -116,7 +116,12 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
            if m.get("cv_accuracy") is not None
            else f"validation split{refit}, less the kept epoch's advantage there that cross-fitting calls luck "
                 f"({float(m['epoch_choice_optimism']):.4f})" if m.get("epoch_choice_optimism")
-           else f"validation split{refit}") + " |",
+           else f"validation split{refit}")
+        + (f"; {float(m['accuracy_before_lead_rule']):.4f} before the one-standard-error rule: it led the most "
+           f"accurate cross-validated trial (trial {m.get('lead_incumbent')}) by {float(m['lead_over_incumbent']):.4f} "
+           f"on the validation examples, under one error ({float(m['lead_error']):.4f})"
+           if m.get("accuracy_before_lead_rule") is not None and m.get("accuracy") is not None
+           and float(m["accuracy"]) < float(m["accuracy_before_lead_rule"]) else "") + " |",
         f"| validation accuracy | {fmt('holdout_accuracy')} | validation split, this file"
         + (" (the probe was fit on train+validation: not held out)" if m.get("cv_accuracy") is not None
            else refit) + " |",
