@@ -8,7 +8,8 @@
 3. ``_prune``: structured (then recovery) or unstructured pruning, if the configuration asks;
 4. ``_export``: the ONNX file, quantized to int8 if asked: the artifact that would ship;
 5. ``_score``: validation and test accuracy of that artifact (a probe is judged by cross-validation
-   minus what compression cost it on the validation split);
+   minus what compression cost it on the validation split; a trained network ranks above the best
+   probe only by a lead of one standard error, ``search/lead.py``);
 6. ``_measure``: latency (batch 1) and throughput (serving batch) of the artifact, MACs, size, cost.
 """
 
