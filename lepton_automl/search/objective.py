@@ -150,7 +150,7 @@ class TrialRunner:
                                    seed=self.seed + trial.number, stop=stop,
                                    search={"study": trial.study.study_name, "trial": trial.number,
                                            "budget_s": self.budget_s, "seed": self.seed}, clock=clock,
-                                   incumbent=Incumbent.from_study(trial.study, self.splits.validation.labels))
+                                   incumbent=lambda: Incumbent.from_study(trial.study, self.splits.validation.labels))
         except TrialStopped as exc:
             trial.set_user_attr("stage_seconds", clock.so_far())
             trial.set_user_attr("early_stop_reason", str(exc))
@@ -195,10 +195,12 @@ class TrialRunner:
     # -- one configuration, end to end ------------------------------------------------------
     def evaluate(self, params: Mapping[str, Any], *, trial_dir: Path, seed: int,
                  stop: StopCheck | None = None, search: Mapping[str, Any] | None = None,
-                 clock: StageClock | None = None, incumbent: Incumbent | None = None) -> TrialResult:
+                 clock: StageClock | None = None,
+                 incumbent: Callable[[], Incumbent | None] | None = None) -> TrialResult:
         """One configuration, end to end. ``clock``: where its steps' wall seconds go (a new one when None).
-        ``incumbent``: the study's most accurate cross-validated trial when this one started, which a
-        trained network ranks above only by a lead of one standard error (``search/lead.py``)."""
+        ``incumbent``: reads the study's most accurate cross-validated trial, once a trained network is
+        scored (not for a probe, and counting probes that other workers finished meanwhile), which that
+        network ranks above only by a lead of one standard error (``search/lead.py``)."""
         start = time.perf_counter()
         stages = clock if clock is not None else StageClock(start)
         config = TrialConfig.from_params(params)
@@ -239,14 +241,15 @@ class TrialRunner:
         scores = self._score(config, model, runtime, cached, prep, refit)
         if info.get("epoch_choice_optimism"):  # the kept epoch's advantage on validation that is luck
             scores = replace(scores, accuracy=scores.holdout - float(info["epoch_choice_optimism"]))
-        if incumbent is not None and scores.logits is not None:
+        best_probe = incumbent() if incumbent is not None and scores.logits is not None else None
+        if best_probe is not None:
             lead = judge_lead(scores.accuracy, scores.logits["validation"].argmax(1) == self.splits.validation.labels,
-                              incumbent)
+                              best_probe)
             info = {**info, **lead.attrs(scores.accuracy)}
             if lead.accuracy < scores.accuracy:
                 logger.info("val acc %.4f leads trial %d's %.4f by %.4f on the validation examples, under one "
-                            "standard error (%.4f): judged %.4f", scores.accuracy, incumbent.trial,
-                            incumbent.accuracy, lead.lead, lead.error, lead.accuracy)
+                            "standard error (%.4f): judged %.4f", scores.accuracy, best_probe.trial,
+                            best_probe.accuracy, lead.lead, lead.error, lead.accuracy)
             scores = replace(scores, accuracy=lead.accuracy)
         stages.done("scoring")
         train_seconds = cached.seconds + (time.perf_counter() - own_start)
