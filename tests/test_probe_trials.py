@@ -190,8 +190,8 @@ def test_an_int8_ensemble_reuses_its_members_trunks_and_serves_what_it_scored(im
 
 
 def test_static_int8_calibrates_on_fewer_examples_of_large_inputs(tmp_path) -> None:
-    """Calibration batches stop once they hold CALIBRATION_VALUES input values: 16 examples at 224 px,
-    all 32 at 96 px; the same seed draws the same examples, so the large inputs' are the first 16."""
+    """Calibration takes no more examples than hold CALIBRATION_VALUES input values: 8 at 224 px, 15 at
+    160 px, all 32 at 96 px; the same seed draws the same examples, so the larger inputs' come first."""
     from lepton_automl.search.objective import CALIBRATION_EXAMPLES, CALIBRATION_VALUES
     from tests.conftest import make_image_folder
 
@@ -205,9 +205,11 @@ def test_static_int8_calibrates_on_fewer_examples_of_large_inputs(tmp_path) -> N
         prep = modality.preprocessing(card, registry, params={"data__image_size": size})
         return np.concatenate([f["pixel_values"] for f in runner.calibration_feeds(prep, seed=0)])
 
-    small, large = pixels(96), pixels(224)
+    small, middle, large = pixels(96), pixels(160), pixels(224)
     assert len(small) == CALIBRATION_EXAMPLES and small.size < CALIBRATION_VALUES
-    assert len(large) == 16 and large.size == CALIBRATION_VALUES
-    # the same examples, in the same order: the first 16 of the small set, at another size
+    assert len(middle) == 15 and middle.size <= CALIBRATION_VALUES
+    assert len(large) == 8 and large.size == CALIBRATION_VALUES
+    # the same examples, in the same order: the first ones of the small set, at another size
     means = lambda x: x.reshape(len(x), -1).mean(1)  # noqa: E731
-    np.testing.assert_allclose(means(large), means(small[:16]), atol=0.05)
+    np.testing.assert_allclose(means(large), means(small[:8]), atol=0.05)
+    np.testing.assert_allclose(means(middle), means(small[:15]), atol=0.05)
