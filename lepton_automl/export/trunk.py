@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lepton_automl.accel import CPU, Accelerator, concat_batches, encoded_batches, in_batch_order, with_oom_backoff
+from lepton_automl.data.encoded import Encoder
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.onnx import export_onnx
 from lepton_automl.interfaces import Modality
@@ -92,13 +93,16 @@ def _run_on_gpu(trunk: nn.Module, modality: Modality, examples: Sequence[Any], *
 
 def _in_batches(call: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]], modality: Modality,
                 examples: Sequence[Any], *, preprocessing: Mapping[str, Any], batch_size: int,
-                progress: Progress | None, desc: str) -> tuple[np.ndarray, ...]:
+                progress: Progress | None, desc: str, encode: Encoder | None = None) -> tuple[np.ndarray, ...]:
     """``call`` on each encoded batch of ``examples`` (taken in the modality's ``batch_order``),
-    outputs concatenated in the order given, progress reported."""
+    outputs concatenated in the order given, progress reported. ``encode``: the modality's ``encode``
+    at ``preprocessing`` by default (``data.encoded.EncodedExamples.encoder`` keeps decoded examples)."""
+    encode = encode or (lambda batch: modality.encode(batch, preprocessing=preprocessing))
+
     def run(ordered: Sequence[Any]) -> tuple[np.ndarray, ...]:
         chunks = []
         for start in range(0, len(ordered), batch_size):
-            chunks.append(call(modality.encode(ordered[start : start + batch_size], preprocessing=preprocessing)))
+            chunks.append(call(encode(ordered[start : start + batch_size])))
             if progress is not None:
                 progress(desc, min(start + batch_size, len(ordered)), len(ordered))
         return concat_batches(chunks)
@@ -132,10 +136,11 @@ def run_trunk_splits(
     batch_size: int = 64,
     progress: Progress | None = None,
     accel: Accelerator = CPU,
+    encode: Encoder | None = None,
 ) -> dict[str, tuple[np.ndarray, ...]]:
     """``run_trunk_fast`` over several example lists (``{name: examples}``, ``name`` also the progress
     label) through one export and one session: exporting efficientnet_lite2 takes 1.3-1.7 s on 2 cores,
-    once per split before."""
+    once per split before. ``encode``: as ``_in_batches``'s, on the CPU."""
     if accel.cuda:
         # fp32: these outputs stand for what the fp32 export computes, and the search checks that they
         # do. bf16 features of efficientnet_lite0 differed from the export's by 4-5% (relative L2).
@@ -160,7 +165,7 @@ def run_trunk_splits(
         session = ort_session(path)
         return {name: _in_batches(lambda feeds: session.run(out_names, {n: feeds[n] for n in names}), modality,
                                   examples, preprocessing=preprocessing, batch_size=batch_size, progress=progress,
-                                  desc=name)
+                                  desc=name, encode=encode)
                 for name, examples in splits.items()}
 
 
@@ -174,9 +179,12 @@ def run_onnx(
     batch_size: int = 64,
     progress: Progress | None = None,
     desc: str = "features",
+    encode: Encoder | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """The named ``outputs`` of the ONNX file ``path`` (or a serialized model's bytes) for all ``examples``."""
+    """The named ``outputs`` of the ONNX file ``path`` (or a serialized model's bytes) for all ``examples``
+    (``encode``: as ``_in_batches``'s)."""
     names = modality.input_names()
     session = ort_session(path)
     return _in_batches(lambda feeds: session.run(list(outputs), {n: feeds[n] for n in names}), modality,
-                       examples, preprocessing=preprocessing, batch_size=batch_size, progress=progress, desc=desc)
+                       examples, preprocessing=preprocessing, batch_size=batch_size, progress=progress, desc=desc,
+                       encode=encode)

@@ -31,6 +31,7 @@ from lepton_automl.compression.pipeline import export_quantized
 from lepton_automl.cost.hardware import CostModel
 from lepton_automl.cost.measurement import measure_artifact
 from lepton_automl.data.dataset import Splits
+from lepton_automl.data.encoded import EncodedExamples
 from lepton_automl.exceptions import ConfigError, ExportError
 from lepton_automl.export.artifact import save_artifact
 from lepton_automl.export.trunk import Progress, run_trunk_splits
@@ -118,6 +119,9 @@ class TrialRunner:
         self.steps = TrainingSteps(self)
         self._equivalents: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
         self.probes = ProbeTrials(self, TrunkStore(self.run_dir / "trunks" / worker_identity().replace(":", "-")))
+        # The validation and test examples go through many files (int8 trunks, exported networks):
+        # each is decoded once per preprocessing.
+        self.encoded = EncodedExamples(self.modality, [*self.splits.validation.examples, *self.splits.test.examples])
 
     def __call__(self, trial: Any) -> tuple[float, float, float]:
         import optuna
@@ -310,7 +314,8 @@ class TrialRunner:
             names = {f"{card.name} {split}": split for split in ("train", "validation", "test")}
             outputs = run_trunk_splits(parts().trunk, self.modality,
                                        {name: getattr(self.splits, split).examples for name, split in names.items()},
-                                       preprocessing=prep, progress=self.progress, accel=self.accelerator)
+                                       preprocessing=prep, progress=self.progress, accel=self.accelerator,
+                                       encode=self.encoded.encoder(prep))
             arrays = {split: outputs[name] for name, split in names.items()}
             cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,
                                     label=f"{card.name} {prep} blocks={config.finetune_blocks}")
@@ -383,8 +388,10 @@ class TrialRunner:
             self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
             validation = inputs["validation"]
         else:
-            _, validation = onnx_logits_and_head_inputs(runtime, self.modality, self.splits.validation, prep)
-            logits = {"test": onnx_logits(runtime, self.modality, self.splits.test, prep)}
+            encode = self.encoded.encoder(prep)
+            _, validation = onnx_logits_and_head_inputs(runtime, self.modality, self.splits.validation, prep,
+                                                        encode=encode)
+            logits = {"test": onnx_logits(runtime, self.modality, self.splits.test, prep, encode=encode)}
         rows = len(self.splits.train) + np.arange(len(self.splits.validation))  # final_head pools train, then validation
         logits["validation"] = refit.out_of_fold_logits(validation, rows)
         holdout, test = (float((logits[split].argmax(1) == getattr(self.splits, split).labels).mean())
@@ -397,7 +404,7 @@ class TrialRunner:
         data = self.splits.validation
         n = min(n, len(data))
         session = ort_session(runtime)
-        file_pred = session.run(["logits"], self.modality.encode(data.examples[:n], preprocessing=prep))[0].argmax(1)
+        file_pred = session.run(["logits"], self.encoded.encoder(prep)(data.examples[:n]))[0].argmax(1)
         with torch.no_grad():
             feats = head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)
             scored_pred = model.head(torch.from_numpy(np.array(feats, dtype=np.float32))).argmax(1).numpy()

@@ -253,7 +253,8 @@ class ProbeTrials:
         """The runtime trunk's features of the validation and test splits, in one pass (one session)."""
         r = self.runner
         validation, test = r.splits.validation.examples, r.splits.test.examples
-        (features,) = run_onnx(path, r.modality, [*validation, *test], preprocessing=prep, outputs=("features",))
+        (features,) = run_onnx(path, r.modality, [*validation, *test], preprocessing=prep, outputs=("features",),
+                               encode=r.encoded.encoder(prep))
         return {"validation": features[: len(validation)], "test": features[len(validation) :]}
 
     def _measure(self, runtime: Path, prep: Mapping[str, Any], head: torch.nn.Sequential,
@@ -295,7 +296,7 @@ class ProbeTrials:
         on the cached features: the check then covers the very bytes that are measured."""
         r = self.runner
         n = min(examples, len(r.splits.validation))
-        feeds = r.modality.encode(r.splits.validation.examples[:n], preprocessing=prep)
+        feeds = r.encoded.encoder(prep)(r.splits.validation.examples[:n])
         step = batch or n
         got = np.concatenate([session.run(None, {name: feeds[name][i : i + step] for name in r.modality.input_names()})[0]
                               for i in range(0, n, step)])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lepton_automl.data.dataset import LabelledData
+from lepton_automl.data.encoded import Encoder
 from lepton_automl.export.trunk import run_onnx
 from lepton_automl.interfaces import ExportModel, Modality
 from lepton_automl.training.cache import CachedArrays
@@ -33,9 +34,11 @@ def head_accuracy(head: torch.nn.Module, features: np.ndarray, labels: np.ndarra
     return float((head_logits(head, features).argmax(1) == labels).mean())
 
 
-def onnx_logits(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any]) -> np.ndarray:
-    """The exported file's logits on ``data`` (examples, classes)."""
-    (logits,) = run_onnx(path, modality, data.examples, preprocessing=preprocessing, outputs=("logits",))
+def onnx_logits(path: Path, modality: Modality, data: LabelledData, preprocessing: Mapping[str, Any], *,
+                encode: Encoder | None = None) -> np.ndarray:
+    """The exported file's logits on ``data`` (examples, classes); ``encode`` as ``run_onnx``'s."""
+    (logits,) = run_onnx(path, modality, data.examples, preprocessing=preprocessing, outputs=("logits",),
+                         encode=encode)
     if not np.all(np.isfinite(logits)):
         raise FloatingPointError("the exported model produced NaN/inf logits")
     return np.asarray(logits, dtype=np.float32)
@@ -45,7 +48,8 @@ HEAD_INPUT_NODE = "/head/head.0/Sub"  # an ExportModel head's first node (Standa
 
 
 def onnx_logits_and_head_inputs(path: Path, modality: Modality, data: LabelledData,
-                                preprocessing: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+                                preprocessing: Mapping[str, Any], *,
+                                encode: Encoder | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The exported file's logits on ``data`` and what its linear head reads (the features before
     ``Standardize``), from one pass: the head's input is added as a second output of a copy of the
     graph. It is the dequantized tensor in an int8 file, so a head refit on fp32 features (its fold
@@ -60,7 +64,7 @@ def onnx_logits_and_head_inputs(path: Path, modality: Modality, data: LabelledDa
         raise ExportError(f"{path} has no node {HEAD_INPUT_NODE!r}: not an ExportModel with a linear head")
     graph.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
     logits, inputs = run_onnx(graph.SerializeToString(), modality, data.examples, preprocessing=preprocessing,
-                              outputs=("logits", node.input[0]))
+                              outputs=("logits", node.input[0]), encode=encode)
     if not np.all(np.isfinite(logits)):
         raise FloatingPointError("the exported model produced NaN/inf logits")
     return np.asarray(logits, dtype=np.float32), np.asarray(inputs, dtype=np.float32)
