@@ -106,7 +106,7 @@ def main() -> None:
         "stage_seconds": {k: round(v, 1) for k, v in stage_totals.items()},
         "stage_share": {k: round(v / total_stage, 3) for k, v in stage_totals.items()},
         "curve": curve, "machine": f"{platform.processor() or platform.machine()}, 2 cores",
-        "failed": outcome.failed, "stopped": outcome.stopped, "repeats": outcome.repeats,
+        "failed": outcome.failed, "stopped": outcome.stopped, "repeats": outcome.repeats, "retired": outcome.retired,
         "trial_seconds": {str(k): round(v, 1) for k, v in durations.items()},
         "trial_params": {str(t.number): config(t) for t in trials},
         # each completed trial's [validation accuracy (the objective), test accuracy, latency ms]

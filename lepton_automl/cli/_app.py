@@ -202,6 +202,9 @@ def search(
         if outcome.repeats:
             err.print(f"[cyan]{outcome.repeats} draws repeated a finished configuration[/] (not run, not counted)",
                       highlight=False)
+        if outcome.retired:
+            err.print(f"[cyan]{outcome.retired} draws of structured pruning were not run[/] (it had not paid in this "
+                      "study; not counted)", highlight=False)
         if not outcome.front:
             _fail(LeptonError("No feasible trial finished. Run more trials (--n-trials) or relax the --max-* limits."))
         row, why = pick_row(outcome.front, rule=pick)

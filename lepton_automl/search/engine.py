@@ -34,7 +34,8 @@ from lepton_automl.search.early_stopping import EarlyStopping
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner, usefulness_floor
 from lepton_automl.search.probe_export import is_recipe, materialize
-from lepton_automl.search.repeats import is_repeat
+from lepton_automl.search.repeats import is_repeat, was_not_run
+from lepton_automl.search.retired import is_retired
 from lepton_automl.search.workers import (
     SURPLUS_ATTR,
     WORKER_ATTR,
@@ -67,6 +68,7 @@ class SearchOutcome:
     failed: list[tuple[int, str]] = field(default_factory=list)
     stopped: list[tuple[int, str]] = field(default_factory=list)
     repeats: int = 0  # configurations drawn again, not run (search/repeats.py)
+    retired: int = 0  # draws of an option that had not paid in the study, not run (search/retired.py)
 
 
 def resolve_modality(source: Any, name: str | None, modalities: PluginRegistry | None = None) -> Modality:
@@ -269,11 +271,12 @@ def search(
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
     stopped = [(t.number, t.user_attrs.get("early_stop_reason", "pruned"))
-               for t in pruned if not t.user_attrs.get(SURPLUS_ATTR) and not is_repeat(t)]
+               for t in pruned if not t.user_attrs.get(SURPLUS_ATTR) and not was_not_run(t)]
     storage_str = _redact(storage_url) if storage_url else default_storage(run_root)
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
                          storage=storage_str, failed=failed, stopped=stopped,
-                         repeats=sum(1 for t in pruned if is_repeat(t)))
+                         repeats=sum(1 for t in pruned if is_repeat(t)),
+                         retired=sum(1 for t in pruned if is_retired(t)))
 
 
 def _blend(study: Any, runner: TrialRunner, *, cost: CostModel, limits: Limits) -> None:
@@ -294,10 +297,10 @@ def _blend(study: Any, runner: TrialRunner, *, cost: CostModel, limits: Limits) 
 
 def collect_after_work(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A full garbage collection after each trial that ran (Optuna's ``gc_after_trial``: the models a
-    trial built hold reference cycles), but not after a repeated configuration or a surplus draw, which
-    built nothing. With MiniLM loaded a collection takes 0.25 s; after each of the 134 repeats of a
-    600 s man-page search, it took 33 s of the budget."""
-    if not is_repeat(trial) and not trial.user_attrs.get(SURPLUS_ATTR):
+    trial built hold reference cycles), but not after a draw not run (a repeated configuration, a
+    retired option) or a surplus draw, which built nothing. With MiniLM loaded a collection takes
+    0.25 s; after each of the 134 repeats of a 600 s man-page search, it took 33 s of the budget."""
+    if not was_not_run(trial) and not trial.user_attrs.get(SURPLUS_ATTR):
         gc.collect()
 
 

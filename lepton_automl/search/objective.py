@@ -45,6 +45,7 @@ from lepton_automl.search.lead import Incumbent, judge_lead
 from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeout, usefulness_floor
 from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.repeats import skip_repeat
+from lepton_automl.search.retired import retirement, skip_retired
 from lepton_automl.search.training_steps import REFIT_EPOCHS, REFIT_S, TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import (
@@ -143,6 +144,9 @@ class TrialRunner:
                                                                     optuna.trial.TrialState.RUNNING)):
             if other.number != trial.number and other.user_attrs.get("config") == config:
                 skip_repeat(trial, other.number)  # not run, not counted (search/repeats.py)
+        retired = retirement(trial.study, config, tuple(self.space.prune__method))
+        if retired is not None:
+            skip_retired(trial, retired)  # not run, not counted (search/retired.py)
         ratios = [t.user_attrs["train_cost_ratio"] for t in trial.study.get_trials(deepcopy=False)
                   if t.user_attrs.get("train_cost_ratio")]
         self.train_cost_ratio = float(np.median(ratios)) if ratios else None

@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from lepton_automl.log import get_logger
-from lepton_automl.search.repeats import is_repeat
+from lepton_automl.search.repeats import was_not_run
 
 logger = get_logger(__name__)
 
@@ -125,11 +125,12 @@ def retried_numbers(study: optuna.Study) -> set[int]:
 
 def counted_trials(study: optuna.Study) -> int:
     """Trials that count towards ``--n-trials``: complete, stopped early, or failed and not retried; not
-    a repeated configuration, which never ran (``search/repeats.py``), nor a blend of finished trials."""
+    a draw that never ran (a repeated configuration, ``search/repeats.py``, or a retired option,
+    ``search/retired.py``), nor a blend of finished trials."""
     retried = retried_numbers(study)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        if (t.user_attrs.get(SURPLUS_ATTR) or t.user_attrs.get(BLEND_ATTR) or is_repeat(t)
+        if (t.user_attrs.get(SURPLUS_ATTR) or t.user_attrs.get(BLEND_ATTR) or was_not_run(t)
                 or (t.state == TrialState.FAIL and t.number in retried)):
             continue
         n += 1
