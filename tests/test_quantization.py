@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnxruntime as ort
 import torch
 
@@ -77,10 +78,12 @@ def test_dynamic_int8_for_matmul_graphs(tmp_path) -> None:
     assert q.stat().st_size < fp32.stat().st_size
 
 
-def test_static_int8_weight_scales_match_onnx_runtimes_own(tmp_path) -> None:
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+def test_static_int8_weight_scales_match_onnx_runtimes_own(tmp_path, reduce_range) -> None:
     """``quantize_onnx`` hands ORT precomputed per-channel weight scales (``conv_weight_scales``); the
-    file must be the one ORT writes computing them itself: same initializers, same outputs. The model
-    has a grouped (depthwise) convolution and an all-zero output channel, whose scale ORT sets to 1."""
+    file must be the one ORT writes computing them itself: same initializers, same outputs, with 8-bit
+    weights and with 7-bit ones (``reduce_range``, for CPUs without VNNI). The model has a grouped
+    (depthwise) convolution and an all-zero output channel, whose scale ORT sets to 1."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -99,14 +102,15 @@ def test_static_int8_weight_scales_match_onnx_runtimes_own(tmp_path) -> None:
     fp32 = export_onnx(model, {"x": x[:1]}, tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}},
                        output_names=("features",))
     feeds = [{"x": x[i : i + 8]} for i in range(0, 32, 8)]
-    ours = quantize_onnx(fp32, tmp_path / "ours.onnx", calibration=feeds)
+    ours = quantize_onnx(fp32, tmp_path / "ours.onnx", calibration=feeds, reduce_range=reduce_range)
 
     quant_pre_process(str(fp32), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
-    scales = conv_weight_scales(tmp_path / "pre.onnx")
+    scales = conv_weight_scales(tmp_path / "pre.onnx", reduce_range=reduce_range)
     assert len(scales) == 3 and float(scales[next(reversed(scales))][3]["scale"]) == 1.0
     quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "ort.onnx"), _Reader(feeds),
                     quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    per_channel=True, calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=None)
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=None,
+                    reduce_range=reduce_range)
 
     def initializers(path):
         return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
@@ -116,3 +120,20 @@ def test_static_int8_weight_scales_match_onnx_runtimes_own(tmp_path) -> None:
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
     assert np.array_equal(_run(ours, x), _run(tmp_path / "ort.onnx", x))
+    weights = [a[n] for n in a if a[n].dtype == np.int8 and a[n].ndim == 4]  # the convolutions'
+    assert len(weights) == 3 and max(int(np.abs(w).max()) for w in weights) == (64 if reduce_range else 127)
+
+
+def test_int8_weights_are_7_bit_exactly_where_the_cpu_lacks_vnni(tmp_path) -> None:
+    """ONNX Runtime's u8 x s8 kernels saturate on x86 CPUs without VNNI; the flags decide."""
+    import platform
+
+    from lepton_automl.compression.quantization import saturating_int8
+
+    vnni, avx2 = tmp_path / "vnni", tmp_path / "avx2"
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert saturating_int8(vnni) is False
+    assert saturating_int8(avx2) is x86
+    assert saturating_int8(tmp_path / "missing") is x86

@@ -1,5 +1,5 @@
-"""Structured pruning retired once it has not paid (search/retired.py), on real Optuna studies: the
-evidence it needs, and a real TrialRunner skipping a retired draw before building anything."""
+"""Options retired once they have not paid (search/retired.py), on real Optuna studies: the evidence
+each rule needs, and a real TrialRunner skipping a retired draw before building anything."""
 
 from __future__ import annotations
 
@@ -39,17 +39,17 @@ def _add(study: optuna.Study, config: dict, *, accuracy: float, latency_ms: floa
 def test_structured_pruning_is_retired_once_its_trials_ended_off_the_front() -> None:
     study = _study()
     _add(study, PROBE, accuracy=0.80, latency_ms=1.0)
-    assert retirement(study, PRUNED, CHOICES) is None  # no evidence yet
+    assert retirement(study, PRUNED, prune_choices=CHOICES) is None  # no evidence yet
     _add(study, PRUNED, accuracy=0.40, latency_ms=1.5)  # dominated by the probe
-    assert retirement(study, PRUNED, CHOICES) is None  # one trial is not enough
+    assert retirement(study, PRUNED, prune_choices=CHOICES) is None  # one trial is not enough
     _add(study, PRUNED, accuracy=0.35, latency_ms=1.2, state=TrialState.PRUNED,
          early_stop_reason="pruning recovery epoch 1: cannot reach the front")  # stopped early: evidence
-    reason = retirement(study, PRUNED, CHOICES)
+    reason = retirement(study, PRUNED, prune_choices=CHOICES)
     assert reason is not None and "#1, 2" in reason and MIN_EVIDENCE == 2
     # other draws still run; and a user who asked for structured pruning alone gets it
-    assert retirement(study, PROBE, CHOICES) is None
-    assert retirement(study, {**PRUNED, "prune__method": "unstructured"}, ("none", "unstructured")) is None
-    assert retirement(study, PRUNED, ("structured",)) is None
+    assert retirement(study, PROBE, prune_choices=CHOICES) is None
+    assert retirement(study, {**PRUNED, "prune__method": "unstructured"}, prune_choices=("none", "unstructured")) is None
+    assert retirement(study, PRUNED, prune_choices=("structured",)) is None
 
 
 def test_a_structured_trial_on_the_front_keeps_it_in_the_search() -> None:
@@ -59,7 +59,7 @@ def test_a_structured_trial_on_the_front_keeps_it_in_the_search() -> None:
     _add(study, PRUNED, accuracy=0.70, latency_ms=0.4)  # faster than the probe: on the front
     _add(study, PRUNED, accuracy=0.30, latency_ms=2.0)
     assert {t.number for t in study.best_trials} == {0, 2}
-    assert retirement(study, PRUNED, CHOICES) is None
+    assert retirement(study, PRUNED, prune_choices=CHOICES) is None
 
 
 def test_only_trials_that_ran_are_evidence() -> None:
@@ -72,7 +72,27 @@ def test_only_trials_that_ran_are_evidence() -> None:
          early_stop_reason="same configuration as trial 1")
     _add(study, PRUNED, accuracy=0.0, latency_ms=0.0, state=TrialState.PRUNED, not_run=True,
          early_stop_reason="retired", **{RETIRED_ATTR: "retired"})
-    assert retirement(study, PRUNED, CHOICES) is None
+    assert retirement(study, PRUNED, prune_choices=CHOICES) is None
+
+
+def test_int8_is_retired_where_it_is_not_faster_than_its_fp32_twin() -> None:
+    """Int8 exists for speed: where a completed int8 trial's fp32 twin (the same configuration
+    otherwise) ran as fast, this hardware gains nothing from it, unless the search has a size limit."""
+    study = _study()
+    int8 = {**PROBE, "quant__mode": "int8"}
+    _add(study, {**int8, "backbone": "c"}, accuracy=0.7, latency_ms=1.0)  # no fp32 twin: no evidence
+    assert retirement(study, int8) is None
+    _add(study, PROBE, accuracy=0.80, latency_ms=13.3)
+    _add(study, int8, accuracy=0.44, latency_ms=15.7)  # slower than its twin (the AVX2 machine)
+    reason = retirement(study, {**int8, "backbone": "d"})
+    assert reason is not None and "trial 2 ran in 15.70 ms" in reason and "trial 1, in 13.30 ms" in reason
+    assert retirement(study, PROBE) is None  # fp32 draws still run
+    assert retirement(study, int8, size_limited=True) is None  # a smaller file may be what is feasible
+    assert retirement(study, int8, quant_choices=("int8",)) is None
+    # a pair where int8 is more than 10% faster shows it pays here: nothing is retired
+    _add(study, {**PROBE, "backbone": "e"}, accuracy=0.8, latency_ms=7.6)
+    _add(study, {**int8, "backbone": "e"}, accuracy=0.78, latency_ms=2.9)
+    assert retirement(study, int8) is None
 
 
 @pytest.fixture(scope="module")

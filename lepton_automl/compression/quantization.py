@@ -6,6 +6,11 @@ Which int8 scheme is used depends on the graph, not on a guess:
   activations, calibrated with min-max ranges on training examples). Measured here on
   efficientnet_lite0 at 96 px, batch 1, 2 cores: fp32 1.50 ms; QDQ s8 per-channel 0.72 ms;
   QDQ u8/u8 (optimum's ``avx2`` preset) 7.5 ms, so the preset is not used.
+  On an x86 CPU without VNNI (AVX2 only), ONNX Runtime multiplies u8 activations by s8 weights with
+  ``VPMADDUBSW``, whose 16-bit pair sums saturate (255 x 127 x 2 > 32767): there the weights are
+  quantized to 7 bits (``reduce_range``, ONNX Runtime's own advice; ``saturating_int8``). On an AMD
+  EPYC (Zen 1, AVX2) the lite0 glyph probe at 224 px scored 0.416 test with 8-bit weights, 0.603 with
+  7-bit and 0.688 in fp32; its int8 file also ran slower than fp32 there (20 ms against 13).
 - graphs without convolutions (transformers) get **dynamic** int8 restricted to MatMul/Gemm.
   Dynamic int8 is never applied to convolutions: it is 2-15x slower than fp32 on this CPU.
 """
@@ -26,6 +31,22 @@ from lepton_automl.log import get_logger
 logger = get_logger(__name__)
 
 QUANT_MODES = ("none", "int8")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo flags of CPUs whose int8 dot products don't saturate
+
+
+def saturating_int8(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether ONNX Runtime's u8 x s8 kernels can saturate on this CPU: x86 without VNNI. Where the CPU's
+    flags cannot be read on x86 the answer is yes (7-bit weights are safe everywhere); never on ARM."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return True
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[-1].split()}
+    return not any(f in flags for f in VNNI_FLAGS)
 
 
 def graph_has_conv(path: str | Path) -> bool:
@@ -51,8 +72,11 @@ def quantize_onnx(
     *,
     mode: str = "int8",
     calibration: Iterable[Mapping[str, np.ndarray]] | None = None,
+    reduce_range: bool | None = None,
 ) -> Path:
-    """Write an int8 version of ``src`` to ``dst``; ``mode`` is ``int8``, ``int8-static`` or ``int8-dynamic``."""
+    """Write an int8 version of ``src`` to ``dst``; ``mode`` is ``int8``, ``int8-static`` or ``int8-dynamic``.
+    ``reduce_range`` quantizes weights to 7 bits; by default where this CPU's int8 kernels saturate
+    (``saturating_int8``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -62,6 +86,8 @@ def quantize_onnx(
     if mode not in ("int8-static", "int8-dynamic"):
         raise ConfigError(f"Unknown quantization mode {mode!r}. Use one of: int8, int8-static, int8-dynamic.")
     static = mode == "int8-static"
+    if reduce_range is None:
+        reduce_range = saturating_int8()
     rows = list(calibration or [])
     if static and not rows:
         raise ConfigError("Static int8 needs calibration examples; pass calibration=[{input: array}, ...].")
@@ -84,21 +110,22 @@ def quantize_onnx(
                     # All supported op types, not just Conv/Gemm: quantizing only the convolutions
                     # leaves float Clip/pooling nodes between them, and the features' cosine to
                     # fp32 fell to 0.87 (0.98 with every op quantized; efficientnet_lite0, 128 px).
-                    op_types_to_quantize=None,
-                    extra_options={"TensorQuantOverrides": conv_weight_scales(work / "model.onnx")},
+                    op_types_to_quantize=None, reduce_range=reduce_range,
+                    extra_options={"TensorQuantOverrides": conv_weight_scales(work / "model.onnx",
+                                                                               reduce_range=reduce_range)},
                 )
         else:
             shutil.copyfile(src, work / "model.onnx")
-            _dynamic_with_optimum(work, dst)
-    logger.debug("quantized %s -> %s (%s)", src.name, dst.name, mode)
+            _dynamic_with_optimum(work, dst, reduce_range=reduce_range)
+    logger.debug("quantized %s -> %s (%s, %d-bit weights)", src.name, dst.name, mode, 7 if reduce_range else 8)
     return dst
 
 
-def conv_weight_scales(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+def conv_weight_scales(path: str | Path, *, reduce_range: bool = False) -> dict[str, list[dict[str, Any]]]:
     """The per-channel int8 scales of every float32 ``Conv`` weight in ``path``, in the form of ONNX
-    Runtime's ``TensorQuantOverrides``: symmetric, ``scale = max|w| / 127`` per output channel (1.0
-    for an all-zero channel), zero point 0, the values ``quantize_static`` itself computes for signed
-    per-channel weights. ORT computes them one channel at a time in Python (efficientnet_lite0 has
+    Runtime's ``TensorQuantOverrides``: symmetric, ``scale = max|w| / 127`` per output channel
+    (``/ 64`` with ``reduce_range``, 7-bit weights; 1.0 for an all-zero channel), zero point 0, the
+    values ``quantize_static`` itself computes for signed per-channel weights. ORT computes them one channel at a time in Python (efficientnet_lite0 has
     21,008): quantizing lite0 on 2 cores took 3.6-4.1 s that way and 1.6-2.8 s with these, at 96 and
     224 px. The quantized file is the same (``tests/test_quantization.py`` holds it to that)."""
     import onnx
@@ -116,7 +143,8 @@ def conv_weight_scales(path: str | Path) -> dict[str, list[dict[str, Any]]]:
         if w.ndim < 2:
             continue
         absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
-        scale = (2.0 * absmax / 254.0).astype(np.float32)  # (rmax - rmin) / (qmax - qmin), qmax = -qmin = 127
+        # (rmax - rmin) / (qmax - qmin): qmax = -qmin = 127, or 64 with reduce_range
+        scale = (2.0 * absmax / (128.0 if reduce_range else 254.0)).astype(np.float32)
         scale[scale < np.finfo(np.float32).tiny] = 1.0
         out[name] = [{"axis": 0, "scale": s, "zero_point": zero} for s in scale]
     return out
@@ -167,8 +195,8 @@ def _per_channel_initializer(original: Any) -> Any:
     return quantize
 
 
-def _dynamic_with_optimum(work: Path, dst: Path) -> None:
-    """Dynamic int8 on MatMul/Gemm only, through optimum's ``ORTQuantizer``."""
+def _dynamic_with_optimum(work: Path, dst: Path, *, reduce_range: bool) -> None:
+    """Dynamic int8 on MatMul/Gemm only, through optimum's ``ORTQuantizer`` (7-bit weights with ``reduce_range``)."""
     from onnxruntime.quantization import QuantFormat, QuantizationMode, QuantType
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import QuantizationConfig
@@ -178,7 +206,7 @@ def _dynamic_with_optimum(work: Path, dst: Path) -> None:
     config = QuantizationConfig(
         is_static=False, format=QuantFormat.QOperator, mode=QuantizationMode.IntegerOps,
         activations_dtype=QuantType.QUInt8, weights_dtype=QuantType.QInt8, per_channel=False,
-        reduce_range=False, operators_to_quantize=["MatMul", "Gemm"],
+        reduce_range=reduce_range, operators_to_quantize=["MatMul", "Gemm"],
     )
     with _quiet_root_logger():
         out_dir = quantizer.quantize(quantization_config=config, save_dir=work / "out")

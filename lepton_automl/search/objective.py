@@ -144,7 +144,9 @@ class TrialRunner:
                                                                     optuna.trial.TrialState.RUNNING)):
             if other.number != trial.number and other.user_attrs.get("config") == config:
                 skip_repeat(trial, other.number)  # not run, not counted (search/repeats.py)
-        retired = retirement(trial.study, config, tuple(self.space.prune__method))
+        retired = retirement(trial.study, config, prune_choices=tuple(self.space.prune__method),
+                             quant_choices=tuple(self.space.quant__mode),
+                             size_limited=self.limits.max_size_mb is not None)
         if retired is not None:
             skip_retired(trial, retired)  # not run, not counted (search/retired.py)
         ratios = [t.user_attrs["train_cost_ratio"] for t in trial.study.get_trials(deepcopy=False)

@@ -1,17 +1,27 @@
-"""Structured pruning retired once it has not paid: later draws of it are not run and not counted.
+"""Options retired once the study's own trials show they do not pay: later draws are not run, not counted.
 
-A structured-pruning trial fine-tunes a network, cuts its channels (or heads and MLP width), then
-fine-tunes again to recover: the most expensive kind of trial, and on data unlike the backbone's
-pretraining the least likely to reach the front. Over 17 stored 600-s searches on the glyph and
-man-page benchmarks it took 92-299 s of each search (about 30%) and never gave a front point there:
-its fastest models were near chance, below the usefulness floor. On digits it did pay (three fast
-front points at 0.93-0.96). So the evidence is the study's own: once ``MIN_EVIDENCE`` structured-pruning
-trials have ended (completed, or stopped early because they could not reach the front) and none of
-them is on the study's front, a later draw of structured pruning is retired: recorded as pruned with
-``RETIRED_ATTR`` and the reason, not run, not counted towards ``--n-trials`` (like a repeated
-configuration, ``search/repeats.py``), and the sampler draws again. The rule only applies when the
-space offers ``prune__method="none"`` as well: a user who asked for structured pruning alone gets it.
-A retirement is final for the study; a resumed or shared study (many workers) sees the same evidence.
+Two options cost much and pay only on some data or hardware, and the study can tell which:
+
+- **Structured pruning** fine-tunes a network, cuts its channels (or heads and MLP width), then
+  fine-tunes again to recover: the most expensive kind of trial, and on data unlike the backbone's
+  pretraining the least likely to reach the front. Over 17 stored 600-s searches on the glyph and
+  man-page benchmarks it took 92-299 s of each search (about 30%) and never gave a front point there:
+  its fastest models were near chance, below the usefulness floor. On digits it did pay (three fast
+  front points at 0.93-0.96). It is retired once ``MIN_EVIDENCE`` of its trials have ended (completed,
+  or stopped early because they could not reach the front) and none of them is on the study's front.
+- **Int8 quantization** exists to make a model faster (the file's size aside). On an x86 CPU without
+  VNNI it may not: on an AMD EPYC (Zen 1, AVX2) the lite0 glyph probe at 224 px ran in 15.7 ms in
+  int8 and 13.3 ms in fp32, and the search still spent 160 of its 600 s on int8 trials. It is
+  retired once a completed int8 trial has a completed fp32 twin (the same configuration otherwise:
+  the warm start runs one such pair first) and no int8 trial with a twin was at least
+  ``INT8_MIN_SPEEDUP`` faster than it. Not with a size limit, where int8's smaller file may be what
+  makes a model feasible.
+
+A retired draw is recorded as pruned with ``RETIRED_ATTR`` and the reason, not run, not counted
+towards ``--n-trials`` (like a repeated configuration, ``search/repeats.py``), and the sampler draws
+again. A rule applies only when the space offers the option's alternative (``prune__method="none"``,
+``quant__mode="none"``): a user who asked for the option alone gets it. A retirement holds for the
+rest of the study; a resumed or shared study (many workers) sees the same evidence.
 """
 
 from __future__ import annotations
@@ -30,24 +40,33 @@ logger = get_logger(__name__)
 
 RETIRED_ATTR = "retired"  # why this draw was not run: its option had not paid in this study
 MIN_EVIDENCE = 2  # structured-pruning trials that must end off the front before the option is retired
-RETIRABLE = ("structured",)
+INT8_MIN_SPEEDUP = 1.1  # fp32 twin's latency / int8 latency that shows int8 pays on this hardware
 
 
 def is_retired(trial: FrozenTrial) -> bool:
     return RETIRED_ATTR in trial.user_attrs
 
 
-def retirement(study: Study, config: Mapping[str, Any], choices: tuple[str, ...]) -> str | None:
-    """Why ``config`` should not run in ``study`` (its pruning method has not paid), or None to run it.
-    ``choices`` are the space's ``prune__method`` values."""
-    method = config.get("prune__method", "none")
-    if method not in RETIRABLE or "none" not in choices:
-        return None
+def retirement(study: Study, config: Mapping[str, Any], *, prune_choices: tuple[str, ...] = ("none", "structured"),
+               quant_choices: tuple[str, ...] = ("none", "int8"), size_limited: bool = False) -> str | None:
+    """Why ``config`` should not run in ``study`` (an option of it has not paid), or None to run it.
+    ``prune_choices`` and ``quant_choices`` are the space's; ``size_limited``: the search has a size limit."""
+    ran = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+           if t.user_attrs.get("config") and not was_not_run(t)]
+    if config.get("prune__method") == "structured" and "none" in prune_choices:
+        reason = _pruning_retired(study, ran)
+        if reason:
+            return reason
+    if config.get("quant__mode") == "int8" and "none" in quant_choices and not size_limited:
+        return _int8_retired(ran)
+    return None
+
+
+def _pruning_retired(study: Study, ran: list[FrozenTrial]) -> str | None:
     front = {t.number for t in study.best_trials}
     ended = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        ran = (t.user_attrs.get("config") or {}).get("prune__method") == method
-        if not ran or was_not_run(t):
+    for t in ran:
+        if t.user_attrs["config"].get("prune__method") != "structured":
             continue
         if t.state == TrialState.PRUNED and "early_stop_reason" not in t.user_attrs:
             continue  # stopped for another reason (the study's trial count): no evidence
@@ -56,13 +75,39 @@ def retirement(study: Study, config: Mapping[str, Any], choices: tuple[str, ...]
         ended.append(t.number)
     if len(ended) < MIN_EVIDENCE:
         return None
-    shown = ", ".join(str(n) for n in ended[:6]) + (", ..." if len(ended) > 6 else "")
-    return (f"{method} pruning retired: its {len(ended)} trials in this study (#{shown}) all ended off "
-            f"the front")
+    return f"structured pruning retired: its {len(ended)} trials in this study (#{_numbers(ended)}) all ended off the front"
+
+
+def _int8_retired(ran: list[FrozenTrial]) -> str | None:
+    fp32 = {_frozen({**t.user_attrs["config"], "quant__mode": "none"}): t for t in ran
+            if t.state == TrialState.COMPLETE and t.user_attrs["config"].get("quant__mode", "none") == "none"}
+    pairs = []
+    for t in ran:
+        if t.state != TrialState.COMPLETE or t.user_attrs["config"].get("quant__mode") != "int8":
+            continue
+        twin = fp32.get(_frozen({**t.user_attrs["config"], "quant__mode": "none"}))
+        if twin is not None:
+            pairs.append((t, twin))
+    if not pairs or any(twin.values[1] >= INT8_MIN_SPEEDUP * t.values[1] for t, twin in pairs):
+        return None
+    t, twin = pairs[0]
+    return (f"int8 quantization retired: on this hardware it was not faster than fp32 (trial {t.number} ran in "
+            f"{t.values[1]:.2f} ms, its fp32 twin, trial {twin.number}, in {twin.values[1]:.2f} ms"
+            + (f"; {len(pairs)} such pairs" if len(pairs) > 1 else "") + ")")
+
+
+def _frozen(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in config.items()))
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(str(n) for n in numbers[:6]) + (", ..." if len(numbers) > 6 else "")
 
 
 def skip_retired(trial: optuna.trial.Trial, reason: str) -> None:
     """Record ``trial`` as a draw of a retired option and end it, unrun (``repeats.skip_draw``)."""
-    if not any(is_retired(t) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))):
+    option = reason.split(" retired", 1)[0]
+    if not any(is_retired(t) and str(t.user_attrs[RETIRED_ATTR]).startswith(option)
+               for t in trial.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))):
         logger.info("%s; later draws of it are not run and not counted", reason)
     skip_draw(trial, attr=RETIRED_ATTR, value=reason, reason=reason)
