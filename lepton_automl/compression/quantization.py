@@ -127,8 +127,8 @@ def conv_weight_scales(path: str | Path, *, reduce_range: bool = False) -> dict[
     """The per-channel int8 scales of every float32 ``Conv`` weight in ``path``, in the form of ONNX
     Runtime's ``TensorQuantOverrides``: symmetric, ``scale = max|w| / 127`` per output channel
     (``/ 64`` with ``reduce_range``, 7-bit weights; 1.0 for an all-zero channel), zero point 0, the
-    values ``quantize_static`` itself computes for signed per-channel weights. ORT computes them one channel at a time in Python (efficientnet_lite0 has
-    21,008): quantizing lite0 on 2 cores took 3.6-4.1 s that way and 1.6-2.8 s with these, at 96 and
+    values ``quantize_static`` itself computes for signed per-channel weights. ORT computes them one
+    channel at a time in Python (efficientnet_lite0 has 21,008): quantizing lite0 on 2 cores took 3.6-4.1 s that way and 1.6-2.8 s with these, at 96 and
     224 px. The quantized file is the same (``tests/test_quantization.py`` holds it to that)."""
     import onnx
     from onnx import TensorProto, numpy_helper

@@ -8,7 +8,8 @@ Two options cost much and pay only on some data or hardware, and the study can t
   man-page benchmarks it took 92-299 s of each search (about 30%) and never gave a front point there:
   its fastest models were near chance, below the usefulness floor. On digits it did pay (three fast
   front points at 0.93-0.96). It is retired once ``MIN_EVIDENCE`` of its trials have ended (completed,
-  or stopped early because they could not reach the front) and none of them is on the study's front.
+  or stopped early: by dominance, or because its next stage could not fit the time the trial had
+  left) and none of them is on the study's front.
 - **Int8 quantization** exists to make a model faster (the file's size aside). On an x86 CPU without
   VNNI it may not: on an AMD EPYC (Zen 1, AVX2) the lite0 glyph probe at 224 px ran in 15.7 ms in
   int8 and 13.3 ms in fp32, and the search still spent 160 of its 600 s on int8 trials. It is
