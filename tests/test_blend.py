@@ -39,6 +39,7 @@ from lepton_automl.search.engine import search
 from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits
 from lepton_automl.search.probe_export import RECIPE, can_materialize, is_recipe
+from lepton_automl.search.repeats import was_not_run
 from lepton_automl.search.workers import counted_trials
 from lepton_automl.serving.app import create_app
 from lepton_image import ImageModality
@@ -233,10 +234,14 @@ def test_a_blend_in_the_study_leaves_resuming_and_sampling_alone(probes, image_f
     again = search(image_folder, backbones=["efficientnet_lite0"], n_trials=3, run_root=root, seed=0, blends=False,
                    keep_all_artifacts=True)
     assert len(again.study.trials) == len(outcome.study.trials)
+    before = len(outcome.study.trials)
     more = search(image_folder, backbones=["efficientnet_lite0"], n_trials=4, run_root=root, seed=0, blends=False,
                   keep_all_artifacts=True)
-    ran = [t for t in more.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if not is_blend_trial(t)]
-    assert len(ran) == 4
+    assert counted_trials(more.study) == 4
+    # exactly one new trial ran (completed, or stopped early: the draw decides), after any draws not run
+    ran = [t for t in more.study.trials[before:] if not was_not_run(t) and not is_blend_trial(t)]
+    assert len(ran) == 1 and ran[0].state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert ran[0].state == optuna.trial.TrialState.COMPLETE or "early_stop_reason" in ran[0].user_attrs
 
 
 def test_a_search_blends_its_trials_when_it_ends(image_folder, tmp_path, caplog) -> None:

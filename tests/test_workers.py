@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.artifact import load_metadata
-from lepton_automl.search.repeats import is_repeat
+from lepton_automl.search.repeats import was_not_run
 from lepton_automl.search.workers import SURPLUS_ATTR, counted_trials, worker_seed
 from tests.conftest import make_image_folder
 
@@ -167,7 +167,7 @@ def test_four_workers_on_one_postgresql_study_run_exactly_the_trials_asked(postg
     study = _study(postgres_url)
     trials = study.trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
-    counted = [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and not is_repeat(t)]  # repeats: not run
+    counted = [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and not was_not_run(t)]  # repeats, retired
     assert counted_trials(study) == len(counted) == n_trials
     # Every worker ran trials, and no configuration ran to completion twice.
     assert len({t.user_attrs["worker"] for t in counted}) >= 2
