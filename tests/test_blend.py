@@ -111,7 +111,7 @@ def test_the_temperature_undoes_overconfident_logits() -> None:
 
 @pytest.fixture(scope="module")
 def probes(image_folder, tmp_path_factory):
-    """A real search of three probe trials, without a blend."""
+    """A real search of three counted trials (the first two the warm start's probes), without a blend."""
     root = tmp_path_factory.mktemp("blend-search")
     outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=3, run_root=root, seed=0,
                      blends=False, keep_all_artifacts=True)
@@ -121,7 +121,8 @@ def probes(image_folder, tmp_path_factory):
 def test_every_trial_stores_its_artifacts_logits(probes) -> None:
     _, outcome = probes
     done = outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(done) == 3 and not any(is_blend_trial(t) for t in done)
+    # the warm start's fp32 probe and int8 twin complete; a third counted trial may be stopped early
+    assert counted_trials(outcome.study) == 3 and len(done) >= 2 and not any(is_blend_trial(t) for t in done)
     for t in done:
         z = load_predictions(t.user_attrs[PREDICTIONS_ATTR])
         assert z["validation"].shape == (len(outcome.splits.validation), len(outcome.splits.classes))

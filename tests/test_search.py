@@ -13,6 +13,7 @@ from lepton_automl.export.artifact import Predictor
 from lepton_automl.search.engine import search
 from lepton_automl.search.front import pick
 from lepton_automl.search.objective import Limits
+from lepton_automl.search.repeats import was_not_run
 from lepton_automl.search.workers import counted_trials
 from lepton_automl.training.trainer import PROBE_L2_GRID
 
@@ -31,7 +32,9 @@ def test_image_search_records_three_objectives(image_outcome) -> None:
     assert study.metric_names == ["accuracy", "latency_ms", "cost_usd"]
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(done) == 3
+    # three counted trials: the warm start's fp32 probe and its int8 twin complete; the third may be a
+    # draw that early stopping ends, where int8 was retired (no faster than fp32 on this CPU)
+    assert counted_trials(study) == 3 and len(done) >= 2
     for t in done:
         acc, latency, cost = t.values
         assert 0.0 <= acc <= 1.0 and latency > 0 and cost > 0
@@ -67,8 +70,10 @@ def test_rerun_resumes_instead_of_starting_over(image_folder, image_outcome) -> 
     again = search(image_folder, backbones=["efficientnet_lite0"], n_trials=3, run_root=root, seed=0)
     assert len(again.study.trials) == len(outcome.study.trials)
     more = search(image_folder, backbones=["efficientnet_lite0"], n_trials=4, run_root=root, seed=0)
-    # one more trial, whatever its outcome (complete, or stopped early by dominance); nothing left running
-    assert counted_trials(more.study) == 4 and len(more.study.trials) == 4
+    # one more trial, whatever its outcome (complete, or stopped early by dominance); nothing left running.
+    # Draws of a retired option (int8 where it ran no faster than fp32 here) are not run and not counted.
+    ran = [t for t in more.study.trials if not was_not_run(t)]
+    assert counted_trials(more.study) == 4 and len(ran) == 4
     assert {t.state for t in more.study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
 
 
