@@ -121,6 +121,7 @@ def main() -> None:
         "stage_share": {k: round(v / total_stage, 3) for k, v in stage_totals.items()},
         "curve": curve, "machine": machine(),
         "failed": outcome.failed, "stopped": outcome.stopped, "repeats": outcome.repeats, "retired": outcome.retired,
+        "ran_instead": outcome.ran_instead,
         "trial_seconds": {str(k): round(v, 1) for k, v in durations.items()},
         "trial_params": {str(t.number): config(t) for t in trials},
         # each completed trial's [validation accuracy (the objective), test accuracy, latency ms]

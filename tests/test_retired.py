@@ -12,8 +12,8 @@ from lepton_automl.cost.hardware import CostModel, load_profiles
 from lepton_automl.data.split import split_data
 from lepton_automl.search.engine import DIRECTIONS
 from lepton_automl.search.objective import TrialRunner
-from lepton_automl.search.repeats import repeats_in_a_row, skip_repeat
-from lepton_automl.search.retired import MIN_EVIDENCE, RETIRED_ATTR, is_retired, retirement
+from lepton_automl.search.repeats import REPEAT_ATTR, repeats_in_a_row, skip_repeat, was_not_run
+from lepton_automl.search.retired import MIN_EVIDENCE, RAN_INSTEAD_ATTR, RETIRED_ATTR, is_retired, retirement
 from lepton_automl.search.space import SearchSpace
 from lepton_automl.search.workers import counted_trials
 from lepton_automl.training.cache import FeatureCache
@@ -44,8 +44,9 @@ def test_structured_pruning_is_retired_once_its_trials_ended_off_the_front() -> 
     assert retirement(study, PRUNED, prune_choices=CHOICES) is None  # one trial is not enough
     _add(study, PRUNED, accuracy=0.35, latency_ms=1.2, state=TrialState.PRUNED,
          early_stop_reason="pruning recovery epoch 1: cannot reach the front")  # stopped early: evidence
-    reason = retirement(study, PRUNED, prune_choices=CHOICES)
-    assert reason is not None and "#1, 2" in reason and MIN_EVIDENCE == 2
+    retired = retirement(study, PRUNED, prune_choices=CHOICES)
+    assert retired is not None and retired.option == "structured pruning" and not retired.instead
+    assert "#1, 2" in retired.reason and MIN_EVIDENCE == 2
     # other draws still run; and a user who asked for structured pruning alone gets it
     assert retirement(study, PROBE, prune_choices=CHOICES) is None
     assert retirement(study, {**PRUNED, "prune__method": "unstructured"}, prune_choices=("none", "unstructured")) is None
@@ -84,8 +85,10 @@ def test_int8_is_retired_where_it_is_not_faster_than_its_fp32_twin() -> None:
     assert retirement(study, int8) is None
     _add(study, PROBE, accuracy=0.80, latency_ms=13.3)
     _add(study, int8, accuracy=0.44, latency_ms=15.7)  # slower than its twin (the AVX2 machine)
-    reason = retirement(study, {**int8, "backbone": "d"})
-    assert reason is not None and "trial 2 ran in 15.70 ms" in reason and "trial 1, in 13.30 ms" in reason
+    retired = retirement(study, {**int8, "backbone": "d"})
+    assert retired is not None and retired.option == "int8 quantization"
+    assert "trial 2 ran in 15.70 ms" in retired.reason and "trial 1, in 13.30 ms" in retired.reason
+    assert dict(retired.instead) == {"quant__mode": "none"}  # the draw runs as its fp32 twin
     assert retirement(study, PROBE) is None  # fp32 draws still run
     assert retirement(study, int8, size_limited=True) is None  # a smaller file may be what is feasible
     assert retirement(study, int8, quant_choices=("int8",)) is None
@@ -135,3 +138,29 @@ def test_the_search_skips_a_retired_draw_unrun_and_uncounted(runner) -> None:
 
     study.optimize(repeat, n_trials=1)
     assert repeats_in_a_row(study) == 2
+
+
+def test_a_retired_int8_draw_runs_as_its_fp32_twin(runner) -> None:
+    """Int8 retired (its pair ran no faster than fp32): an int8 probe drawn at another input size runs
+    in fp32, really (a trunk exported and timed, a counted trial whose recorded configuration is what
+    ran); the same draw again is then a repeat of it, not run."""
+    study = _study()
+    probe = {"backbone": "efficientnet_lite0", "data__image_size": 96, "train__mode": "probe",
+             "prune__method": "none", "quant__mode": "none"}
+    _add(study, probe, accuracy=0.9, latency_ms=1.0)
+    _add(study, {**probe, "quant__mode": "int8"}, accuracy=0.8, latency_ms=1.05)
+    int8_draw = {**probe, "data__image_size": 64, "quant__mode": "int8"}
+    study.enqueue_trial(int8_draw)
+    study.optimize(runner, n_trials=1)
+    ran = study.trials[-1]
+    assert ran.state == TrialState.COMPLETE, ran.user_attrs
+    assert ran.params["quant__mode"] == "int8"  # what the sampler drew
+    assert ran.user_attrs["config"] == {**int8_draw, "quant__mode": "none"}  # what ran
+    assert "int8 quantization retired" in ran.user_attrs[RAN_INSTEAD_ATTR] and not was_not_run(ran)
+    assert ran.user_attrs["size_mb"] > 8  # lite0 in fp32 (13 MB; its int8 file is about 4 MB)
+    assert counted_trials(study) == 3
+    study.enqueue_trial(int8_draw)
+    study.optimize(runner, n_trials=1)
+    again = study.trials[-1]
+    assert again.state == TrialState.PRUNED and again.user_attrs[REPEAT_ATTR] == ran.number
+    assert counted_trials(study) == 3

@@ -203,8 +203,11 @@ def search(
             err.print(f"[cyan]{outcome.repeats} draws repeated a finished configuration[/] (not run, not counted)",
                       highlight=False)
         if outcome.retired:
-            err.print(f"[cyan]{outcome.retired} draws of a retired option were not run[/] (structured pruning or "
-                      "int8 that had not paid in this study; not counted)", highlight=False)
+            err.print(f"[cyan]{outcome.retired} draws of a retired option were not run[/] (structured pruning "
+                      "that had not paid in this study; not counted)", highlight=False)
+        if outcome.ran_instead:
+            err.print(f"[cyan]{outcome.ran_instead} int8 draws ran in fp32[/] (int8 was no faster than fp32 on this "
+                      "hardware)", highlight=False)
         if not outcome.front:
             _fail(LeptonError("No feasible trial finished. Run more trials (--n-trials) or relax the --max-* limits."))
         row, why = pick_row(outcome.front, rule=pick)

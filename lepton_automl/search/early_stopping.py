@@ -69,9 +69,10 @@ def points_from_study(study: Any) -> list[FrontPoint]:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if any(c > 0 for c in t.constraints.values()) or t.values is None:
             continue
+        ran = t.user_attrs.get("config") or t.params  # what ran, after overrides (search/objective.py)
         out.append(FrontPoint(number=t.number, accuracy=float(t.values[0]), latency_ms=float(t.values[1]),
-                              gmacs=t.user_attrs.get("gmacs"), backbone=str(t.params.get("backbone")),
-                              quant=str(t.params.get("quant__mode", "none"))))
+                              gmacs=t.user_attrs.get("gmacs"), backbone=str(ran.get("backbone")),
+                              quant=str(ran.get("quant__mode", "none"))))
     return out
 
 

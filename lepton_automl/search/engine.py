@@ -35,7 +35,7 @@ from lepton_automl.search.front import FrontRow, front_rows
 from lepton_automl.search.objective import Limits, TrialRunner, usefulness_floor
 from lepton_automl.search.probe_export import is_recipe, materialize
 from lepton_automl.search.repeats import is_repeat, was_not_run
-from lepton_automl.search.retired import is_retired
+from lepton_automl.search.retired import RAN_INSTEAD_ATTR, is_retired
 from lepton_automl.search.workers import (
     SURPLUS_ATTR,
     WORKER_ATTR,
@@ -69,6 +69,7 @@ class SearchOutcome:
     stopped: list[tuple[int, str]] = field(default_factory=list)
     repeats: int = 0  # configurations drawn again, not run (search/repeats.py)
     retired: int = 0  # draws of an option that had not paid in the study, not run (search/retired.py)
+    ran_instead: int = 0  # draws of such an option run without it (int8 draws run in fp32)
 
 
 def resolve_modality(source: Any, name: str | None, modalities: PluginRegistry | None = None) -> Modality:
@@ -276,7 +277,9 @@ def search(
     return SearchOutcome(study=study, front=front, splits=splits, run_dir=run_dir,
                          storage=storage_str, failed=failed, stopped=stopped,
                          repeats=sum(1 for t in pruned if is_repeat(t)),
-                         retired=sum(1 for t in pruned if is_retired(t)))
+                         retired=sum(1 for t in pruned if is_retired(t)),
+                         ran_instead=sum(1 for t in study.get_trials(deepcopy=False)
+                                         if RAN_INSTEAD_ATTR in t.user_attrs and not was_not_run(t)))
 
 
 def _blend(study: Any, runner: TrialRunner, *, cost: CostModel, limits: Limits) -> None:
@@ -316,8 +319,8 @@ def _configs_from_study(name: str, storage: Any, space: SearchSpace) -> list[dic
                           f"Studies in this storage: {names or 'none'}.") from exc
     choices = {"backbone": (*space.backbones, *space.ensembles), "train__mode": space.train__mode,
                "prune__method": space.prune__method, "quant__mode": space.quant__mode}
-    return [dict(t.params) for t in other.best_trials
-            if not is_blend_trial(t) and all(t.params.get(k, v[0]) in v for k, v in choices.items())]
+    ran = [dict(t.user_attrs.get("config") or t.params) for t in other.best_trials if not is_blend_trial(t)]
+    return [c for c in ran if all(c.get(k, v[0]) in v for k, v in choices.items())]
 
 
 def _redact(url: str) -> str:

@@ -45,7 +45,7 @@ from lepton_automl.search.lead import Incumbent, judge_lead
 from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeout, usefulness_floor
 from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.repeats import skip_repeat
-from lepton_automl.search.retired import retirement, skip_retired
+from lepton_automl.search.retired import retirement, run_instead, skip_retired
 from lepton_automl.search.training_steps import REFIT_EPOCHS, REFIT_S, TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import (
@@ -138,17 +138,22 @@ class TrialRunner:
         # The configuration that runs (suggest may override what the sampler drew: an ensemble is a
         # probe). A probe picks its own regularisation, so samplers often draw a finished
         # configuration again; it would measure the same numbers, so it is not run twice.
+        # An option the study retired (search/retired.py) is not run: the draw runs without it
+        # (int8: its fp32 twin), or not at all, uncounted (structured pruning).
+        retired = retirement(trial.study, params, prune_choices=tuple(self.space.prune__method),
+                             quant_choices=tuple(self.space.quant__mode),
+                             size_limited=self.limits.max_size_mb is not None)
+        if retired is not None and not retired.instead:
+            trial.set_user_attr("config", {k: params[k] for k in sorted(params)})
+            skip_retired(trial, retired)
+        if retired is not None:
+            params = run_instead(trial, retired, params)
         config = {k: params[k] for k in sorted(params)}
         trial.set_user_attr("config", config)
         for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                                     optuna.trial.TrialState.RUNNING)):
             if other.number != trial.number and other.user_attrs.get("config") == config:
                 skip_repeat(trial, other.number)  # not run, not counted (search/repeats.py)
-        retired = retirement(trial.study, config, prune_choices=tuple(self.space.prune__method),
-                             quant_choices=tuple(self.space.quant__mode),
-                             size_limited=self.limits.max_size_mb is not None)
-        if retired is not None:
-            skip_retired(trial, retired)  # not run, not counted (search/retired.py)
         ratios = [t.user_attrs["train_cost_ratio"] for t in trial.study.get_trials(deepcopy=False)
                   if t.user_attrs.get("train_cost_ratio")]
         self.train_cost_ratio = float(np.median(ratios)) if ratios else None

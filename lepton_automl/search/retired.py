@@ -1,4 +1,4 @@
-"""Options retired once the study's own trials show they do not pay: later draws are not run, not counted.
+"""Options retired once the study's own trials show they do not pay: later draws run without them, or not at all.
 
 Two options cost much and pay only on some data or hardware, and the study can tell which:
 
@@ -18,9 +18,12 @@ Two options cost much and pay only on some data or hardware, and the study can t
   ``INT8_MIN_SPEEDUP`` faster than it. Not with a size limit, where int8's smaller file may be what
   makes a model feasible.
 
-A retired draw is recorded as pruned with ``RETIRED_ATTR`` and the reason, not run, not counted
-towards ``--n-trials`` (like a repeated configuration, ``search/repeats.py``), and the sampler draws
-again. A rule applies only when the space offers the option's alternative (``prune__method="none"``,
+A retired structured-pruning draw is recorded as pruned with ``RETIRED_ATTR`` and the reason, not
+run, not counted towards ``--n-trials`` (like a repeated configuration, ``search/repeats.py``), and the
+sampler draws again. A retired int8 draw runs as its fp32 twin instead (``Retirement.instead``;
+``RAN_INSTEAD_ATTR`` records why), or, where that twin ran already, is skipped as its repeat: the
+rest of its configuration (a backbone at a small input size, say) is still worth a trial, and on such
+hardware the fp32 model is the faster one. A rule applies only when the space offers the option's alternative (``prune__method="none"``,
 ``quant__mode="none"``): a user who asked for the option alone gets it. A retirement holds for the
 rest of the study; a resumed or shared study (many workers) sees the same evidence.
 """
@@ -28,6 +31,7 @@ rest of the study; a resumed or shared study (many workers) sees the same eviden
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -40,8 +44,18 @@ from lepton_automl.search.repeats import skip_draw, was_not_run
 logger = get_logger(__name__)
 
 RETIRED_ATTR = "retired"  # why this draw was not run: its option had not paid in this study
+RAN_INSTEAD_ATTR = "ran_instead"  # why this draw ran without the option it drew (Retirement.instead)
 MIN_EVIDENCE = 2  # structured-pruning trials that must end off the front before the option is retired
 INT8_MIN_SPEEDUP = 1.1  # fp32 twin's latency / int8 latency that shows int8 pays on this hardware
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """An option of a drawn configuration that has not paid in the study."""
+
+    option: str  # "structured pruning", "int8 quantization"
+    reason: str  # what the study showed, for the log and the trial's record
+    instead: Mapping[str, Any] = field(default_factory=dict)  # what to run in its place; empty: run nothing
 
 
 def is_retired(trial: FrozenTrial) -> bool:
@@ -49,17 +63,19 @@ def is_retired(trial: FrozenTrial) -> bool:
 
 
 def retirement(study: Study, config: Mapping[str, Any], *, prune_choices: tuple[str, ...] = ("none", "structured"),
-               quant_choices: tuple[str, ...] = ("none", "int8"), size_limited: bool = False) -> str | None:
-    """Why ``config`` should not run in ``study`` (an option of it has not paid), or None to run it.
+               quant_choices: tuple[str, ...] = ("none", "int8"), size_limited: bool = False) -> Retirement | None:
+    """The option of ``config`` that has not paid in ``study``, or None to run ``config`` as drawn.
     ``prune_choices`` and ``quant_choices`` are the space's; ``size_limited``: the search has a size limit."""
     ran = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
            if t.user_attrs.get("config") and not was_not_run(t)]
     if config.get("prune__method") == "structured" and "none" in prune_choices:
         reason = _pruning_retired(study, ran)
         if reason:
-            return reason
+            return Retirement("structured pruning", reason)
     if config.get("quant__mode") == "int8" and "none" in quant_choices and not size_limited:
-        return _int8_retired(ran)
+        reason = _int8_retired(ran)
+        if reason:
+            return Retirement("int8 quantization", reason, instead={"quant__mode": "none"})
     return None
 
 
@@ -76,7 +92,7 @@ def _pruning_retired(study: Study, ran: list[FrozenTrial]) -> str | None:
         ended.append(t.number)
     if len(ended) < MIN_EVIDENCE:
         return None
-    return f"structured pruning retired: its {len(ended)} trials in this study (#{_numbers(ended)}) all ended off the front"
+    return f"its {len(ended)} trials in this study (#{_numbers(ended)}) all ended off the front"
 
 
 def _int8_retired(ran: list[FrozenTrial]) -> str | None:
@@ -92,7 +108,7 @@ def _int8_retired(ran: list[FrozenTrial]) -> str | None:
     if not pairs or any(twin.values[1] >= INT8_MIN_SPEEDUP * t.values[1] for t, twin in pairs):
         return None
     t, twin = pairs[0]
-    return (f"int8 quantization retired: on this hardware it was not faster than fp32 (trial {t.number} ran in "
+    return (f"on this hardware it was not faster than fp32 (trial {t.number} ran in "
             f"{t.values[1]:.2f} ms, its fp32 twin, trial {twin.number}, in {twin.values[1]:.2f} ms"
             + (f"; {len(pairs)} such pairs" if len(pairs) > 1 else "") + ")")
 
@@ -105,10 +121,25 @@ def _numbers(numbers: list[int]) -> str:
     return ", ".join(str(n) for n in numbers[:6]) + (", ..." if len(numbers) > 6 else "")
 
 
-def skip_retired(trial: optuna.trial.Trial, reason: str) -> None:
+def _first_of(trial: optuna.trial.Trial, retired: Retirement, attr: str) -> bool:
+    """Whether no earlier trial of the study recorded ``retired``'s option under ``attr``."""
+    prefix = f"{retired.option} retired"
+    return not any(str(t.user_attrs.get(attr, "")).startswith(prefix)
+                   for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number)
+
+
+def skip_retired(trial: optuna.trial.Trial, retired: Retirement) -> None:
     """Record ``trial`` as a draw of a retired option and end it, unrun (``repeats.skip_draw``)."""
-    option = reason.split(" retired", 1)[0]
-    if not any(is_retired(t) and str(t.user_attrs[RETIRED_ATTR]).startswith(option)
-               for t in trial.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))):
+    reason = f"{retired.option} retired: {retired.reason}"
+    if _first_of(trial, retired, RETIRED_ATTR):
         logger.info("%s; later draws of it are not run and not counted", reason)
     skip_draw(trial, attr=RETIRED_ATTR, value=reason, reason=reason)
+
+
+def run_instead(trial: optuna.trial.Trial, retired: Retirement, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with ``retired.instead`` in place of the retired option; recorded on ``trial``."""
+    reason = f"{retired.option} retired: {retired.reason}"
+    if _first_of(trial, retired, RAN_INSTEAD_ATTR):
+        logger.info("%s; later draws of it run %s instead", reason, ", ".join(f"{k}={v}" for k, v in retired.instead.items()))
+    trial.set_user_attr(RAN_INSTEAD_ATTR, reason)
+    return {**params, **retired.instead}
