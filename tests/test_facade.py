@@ -23,7 +23,7 @@ def digits():
     return images[idx[:300]], d.target[idx[:300]], images[idx[300:]], d.target[idx[300:]]
 
 
-def test_fit_evaluate_compress_save_load_round_trip(digits, tmp_path) -> None:
+def test_fit_evaluate_compress_save_load_round_trip(digits, tmp_path, caplog) -> None:
     x_train, y_train, x_test, y_test = digits
     model = Lepton(build_fn="efficientnet_lite0", input_shape=(32, 32, 3), num_classes=10, verbose=False)
     model.fit(x_train, y_train, epochs=3, batch_size=32)
@@ -40,6 +40,7 @@ def test_fit_evaluate_compress_save_load_round_trip(digits, tmp_path) -> None:
     path = model.save(tmp_path / "lepton_model")
     for name in ("model.safetensors", "model.onnx", "model.int8.onnx", "README.md", "lepton.json"):
         assert (path / name).is_file()
+    _int8_export_checks(path, tmp_path, caplog)
     again = Lepton.load(path)
     assert (again.predict(x_test) == predictions).all()
     # The pruned torch weights reload into a freshly built (then resized) architecture.
@@ -51,6 +52,36 @@ def test_fit_evaluate_compress_save_load_round_trip(digits, tmp_path) -> None:
 
     Image.fromarray(x_test[0]).save(tmp_path / "digit.png")
     assert Predictor.load(path).predict([str(tmp_path / "digit.png")]) == [str(predictions[0])]
+
+
+def _int8_export_checks(path, tmp_path, caplog) -> None:
+    """The export's card says how its int8 file was quantized, read from the file: static, with 7-bit
+    weights on a CPU whose int8 kernels saturate (no VNNI), else 8-bit. The same file re-quantized
+    with 8-bit weights warns on loading exactly where this CPU saturates, naming the fix."""
+    import json
+    import shutil
+
+    from lepton_automl.compression.quantization import quantize_onnx
+    from lepton_automl.export.int8 import Int8Weights, int8_weights, saturating_int8
+
+    bits = 7 if saturating_int8() else 8
+    meta = json.loads((path / "lepton.json").read_text())
+    assert meta["int8_weights"] == {"static": True, "bits": bits}
+    assert f"int8 (static, {bits}-bit weights" in (path / "README.md").read_text()
+    assert int8_weights(path / "model.onnx") is None
+    copy = tmp_path / "eight_bit"
+    shutil.copytree(path, copy)
+    calibration = [{"pixel_values": np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)}]
+    quantize_onnx(copy / "model.onnx", copy / "model.int8.onnx", mode="int8-static", calibration=calibration,
+                  reduce_range=False)
+    found = int8_weights(copy / "model.int8.onnx")
+    assert found == Int8Weights(static=True, bits=8)
+    meta["int8_weights"] = {"static": found.static, "bits": found.bits}
+    (copy / "lepton.json").write_text(json.dumps(meta))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lepton_automl"):
+        Predictor.load(copy)
+    assert ("lepton compress" in caplog.text and "no VNNI" in caplog.text) == saturating_int8()
 
 
 def small_cnn(*, input_shape, num_classes):

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import torch
 
 from lepton_automl.compression.quantization import graph_has_conv, quantize_onnx
+from lepton_automl.export.int8 import Int8Weights, int8_weights
 from lepton_automl.export.onnx import export_onnx
 
 
@@ -76,6 +77,9 @@ def test_dynamic_int8_for_matmul_graphs(tmp_path) -> None:
     a, b = _run(fp32, x), _run(q, x)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
     assert q.stat().st_size < fp32.stat().st_size
+    assert int8_weights(q) == Int8Weights(static=False, bits=8)  # dynamic int8 keeps 8 bits on every CPU
+    seven = quantize_onnx(fp32, tmp_path / "q7.onnx", reduce_range=True)
+    assert int8_weights(seven) == Int8Weights(static=False, bits=7)
 
 
 @pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
@@ -122,6 +126,8 @@ def test_static_int8_weight_scales_match_onnx_runtimes_own(tmp_path, reduce_rang
     assert np.array_equal(_run(ours, x), _run(tmp_path / "ort.onnx", x))
     weights = [a[n] for n in a if a[n].dtype == np.int8 and a[n].ndim == 4]  # the convolutions'
     assert len(weights) == 3 and max(int(np.abs(w).max()) for w in weights) == (64 if reduce_range else 127)
+    assert int8_weights(ours) == Int8Weights(static=True, bits=7 if reduce_range else 8)  # read from the file
+    assert int8_weights(fp32) is None
 
 
 def test_int8_weights_are_7_bit_exactly_where_the_cpu_lacks_vnni(tmp_path) -> None:

@@ -28,29 +28,12 @@ from typing import Any
 import numpy as np
 
 from lepton_automl.exceptions import ConfigError
+from lepton_automl.export.int8 import saturating_int8
 from lepton_automl.log import get_logger
 
 logger = get_logger(__name__)
 
 QUANT_MODES = ("none", "int8")
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo flags of CPUs whose int8 dot products don't saturate
-
-
-def saturating_int8(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether ONNX Runtime's u8 x s8 kernels can saturate on this CPU: x86 without VNNI. Where the CPU's
-    flags cannot be read on x86 the answer is yes (7-bit weights are safe everywhere); never on ARM."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return False
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return True
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[-1].split()}
-    return not any(f in flags for f in VNNI_FLAGS)
-
-
 def graph_has_conv(path: str | Path) -> bool:
     import onnx
 

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from lepton_automl.accel import in_batch_order
 from lepton_automl.backbones import BackboneCard
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.card import render_model_card
+from lepton_automl.export.int8 import Int8Weights, int8_weights
 from lepton_automl.log import get_logger
 from lepton_automl.sessions import ort_session
 
@@ -88,6 +89,7 @@ def save_artifact(
         "finetune_blocks": int(finetune_blocks),
         "runtime_file": runtime_file,
         "runtime": runtime,
+        **_int8_meta(out / runtime_file),
         "input_names": list(modality.input_names()),
         "metrics": dict(metrics),
         **({"data": dict(data)} if data else {}),  # what the model was trained on (model card)
@@ -218,6 +220,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def _int8_meta(runtime_file: Path) -> dict[str, Any]:
+    """``{"int8_weights": {"static": ..., "bits": ...}}`` for an int8 runtime file, read from it (the model
+    card says how it was quantized; ``Predictor`` warns where this CPU would lose its accuracy)."""
+    weights = int8_weights(runtime_file) if runtime_file.name.endswith("int8.onnx") else None
+    return {} if weights is None else {"int8_weights": asdict(weights)}
+
+
 class Predictor:
     """Run an export folder: raw inputs in, class names out. The runtime is ONNX Runtime on the
     export's ONNX file, or torch for the torch runtimes (``torch-int8`` dynamic quantization on CPU,
@@ -260,6 +269,13 @@ class Predictor:
                         self.directory, self.runtime, accel.name())
         self.runtime_used = f"{kind} ({accel.device})" if accel.cuda else self.runtime
         if kind == "onnxruntime":
+            weights = self.meta.get("int8_weights")
+            if weights and Int8Weights(**weights).saturates_here():
+                logger.warning(
+                    "%s: its int8 file was quantized with 8-bit weights on a CPU with VNNI; this CPU has no VNNI, "
+                    "and its int8 kernels can saturate with such weights and lose accuracy. Re-quantize it here: "
+                    "lepton compress %s --data YOUR_DATA --quant int8 (7-bit weights on this CPU)",
+                    self.directory, self.directory)
             self.session = ort_session(self.directory / self.meta["runtime_file"], threads=threads, spinning=True)
         else:
             from lepton_automl.export.runtime import to_torch_runtime

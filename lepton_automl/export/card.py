@@ -65,6 +65,12 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         f"{prune}, {float(params.get('prune__amount', 0)):.0%}"
         + (f" ({params['prune__target']})" if params.get("prune__target") else ""))
     quant = params.get("compress__quant") or params.get("quant__mode", "none")
+    weights = meta.get("int8_weights")
+    if weights:
+        quant = (f"{quant} ({'static' if weights['static'] else 'dynamic'}, {weights['bits']}-bit weights"
+                 + ("; on an x86 CPU without VNNI (AVX2 only) the int8 kernels can saturate with 8-bit weights "
+                    "and lose accuracy: re-quantize there with `lepton compress --quant int8`, which writes "
+                    "7-bit weights" if weights["static"] and weights["bits"] == 8 else "") + ")")
     runtime = (f"`{meta['runtime_file']}` in ONNX Runtime" if meta.get("runtime", "onnxruntime") == "onnxruntime"
                else f"`{meta['runtime']}` (torch, re-applied to `model.safetensors` on load)")
     size = params.get("data__image_size") or params.get("data__max_length")
