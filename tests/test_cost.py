@@ -120,6 +120,28 @@ def test_timing_stops_at_its_time_budget_once_it_has_its_fewest_calls() -> None:
     assert len(time_calls(slow, dataclasses.replace(plan, min_runs=2))) == 2 and len(calls) == 3
 
 
+def test_rounds_of_slow_calls_are_cut_to_their_time_and_fast_calls_keep_rounds_of_twenty() -> None:
+    """A 70 ms call (a three-backbone ensemble at 224 px on a slow CPU) is timed in rounds of 9, about
+    0.6 s each: two rounds whose medians agree, not two of 20 (2.8 s). Calls of 1 ms keep rounds of 20."""
+    import time
+
+    from lepton_automl.cost.latency import TimingPlan, time_calls
+
+    calls = []
+
+    def call(seconds: float) -> None:
+        calls.append(seconds)
+        time.sleep(seconds)
+
+    ms = time_calls(lambda: call(0.07), TimingPlan())
+    assert len(ms) == 18 and len(calls) == 5 + 18 and np.median(ms) >= 70.0
+    calls.clear()
+    ms = time_calls(lambda: call(0.001), TimingPlan())
+    assert len(ms) >= 40 and len(ms) % 20 == 0 and len(calls) == 5 + len(ms)
+    calls.clear()
+    assert len(time_calls(lambda: call(0.07), TimingPlan(round_seconds=None, max_rounds=1))) == 20
+
+
 def test_the_serving_batch_is_timed_once_when_one_call_outlasts_its_second() -> None:
     import time
 

@@ -43,7 +43,8 @@ def device_name() -> str:
 class TimingPlan:
     """How long to time: ``warmup`` calls, then rounds of ``round_runs`` until the medians of the last
     two rounds agree within ``rtol``, at most ``max_rounds`` rounds or ``max_seconds`` (but never
-    fewer than ``min_runs`` timed calls)."""
+    fewer than ``min_runs`` timed calls). ``round_seconds``: a round of slow calls is cut to as many
+    as fill about this long (from the first timed call; never fewer than ``min_runs``)."""
 
     warmup: int = 5
     round_runs: int = 20
@@ -51,6 +52,12 @@ class TimingPlan:
     max_seconds: float = 3.0
     rtol: float = 0.05
     min_runs: int = 5
+    # Twenty calls of the three-backbone ensemble at 224 px (68 ms each on an AMD EPYC) made a round of
+    # 1.4 s, and two rounds took most of the 4.2 s of every such trunk's measurement. A call that long
+    # is long beside the timer's resolution and the scheduler's tick; the median of 2 x 9 of them moves
+    # with the machine's drift, which more calls in a row would not average out. Calls under 30 ms keep
+    # rounds of 20.
+    round_seconds: float | None = 0.6
 
 
 def time_calls(call: Callable[[], float | None], plan: TimingPlan = TimingPlan()) -> np.ndarray:
@@ -60,11 +67,16 @@ def time_calls(call: Callable[[], float | None], plan: TimingPlan = TimingPlan()
     times: list[float] = []
     medians: list[float] = []
     deadline = time.perf_counter() + plan.max_seconds
+    round_runs = plan.round_runs
     for _ in range(plan.max_rounds):
-        for _ in range(plan.round_runs):
+        end = len(times) + round_runs
+        while len(times) < end:
             start = time.perf_counter()
             own = call()
             times.append(float(own) if isinstance(own, float) else (time.perf_counter() - start) * 1000.0)
+            if len(times) == 1 and plan.round_seconds is not None:  # rounds of slow calls are cut
+                fill = int(np.ceil(plan.round_seconds * 1000.0 / max(times[0], 1e-6)))
+                round_runs = end = max(min(plan.round_runs, fill), plan.min_runs)
             if time.perf_counter() > deadline and len(times) >= plan.min_runs:
                 break
         medians.append(float(np.median(times)))

@@ -58,7 +58,7 @@ class Measurement:
 # backbone and about 0.6 s through the ensemble; a call of a second or more is long beside the timer's
 # resolution and the scheduler's jitter, and the machine's drift, which is what is left, one more call
 # would not average out.
-SERVING_PLAN = TimingPlan(warmup=2, round_runs=3, max_rounds=1, max_seconds=1.0, min_runs=1)
+SERVING_PLAN = TimingPlan(warmup=2, round_runs=3, max_rounds=1, max_seconds=1.0, min_runs=1, round_seconds=None)
 
 
 def measure_artifact(runtime: str | Path | bytes | Any, latency_input: Mapping[str, np.ndarray], *, model: Any,
