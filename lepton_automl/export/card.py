@@ -9,6 +9,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from lepton_automl.export.int8 import Int8Weights
+
 PIPELINE_TAGS = {"image": "image-classification", "text": "text-classification",
                  "audio": "audio-classification", "tabular": "tabular-classification"}
 
@@ -65,12 +67,12 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         f"{prune}, {float(params.get('prune__amount', 0)):.0%}"
         + (f" ({params['prune__target']})" if params.get("prune__target") else ""))
     quant = params.get("compress__quant") or params.get("quant__mode", "none")
-    weights = meta.get("int8_weights")
-    if weights:
-        quant = (f"{quant} ({'static' if weights['static'] else 'dynamic'}, {weights['bits']}-bit weights"
+    if meta.get("int8_weights"):  # read from the int8 file (export/int8.py)
+        weights = Int8Weights(**meta["int8_weights"])
+        quant = (f"{quant} ({weights.describe()}"
                  + ("; on an x86 CPU without VNNI (AVX2 only) the int8 kernels can saturate with 8-bit weights "
                     "and lose accuracy: re-quantize there with `lepton compress --quant int8`, which writes "
-                    "7-bit weights" if weights["static"] and weights["bits"] == 8 else "") + ")")
+                    "7-bit weights" if weights.static and weights.bits == 8 else "") + ")")
     runtime = (f"`{meta['runtime_file']}` in ONNX Runtime" if meta.get("runtime", "onnxruntime") == "onnxruntime"
                else f"`{meta['runtime']}` (torch, re-applied to `model.safetensors` on load)")
     size = params.get("data__image_size") or params.get("data__max_length")

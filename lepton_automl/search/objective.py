@@ -135,9 +135,6 @@ class TrialRunner:
             trial.study.stop()
             raise optuna.TrialPruned(reason)
         params = self.equivalent(suggest(trial, self.space, self.modality, self.registry))
-        # The configuration that runs (suggest may override what the sampler drew: an ensemble is a
-        # probe). A probe picks its own regularisation, so samplers often draw a finished
-        # configuration again; it would measure the same numbers, so it is not run twice.
         # An option the study retired (search/retired.py) is not run: the draw runs without it
         # (int8: its fp32 twin), or not at all, uncounted (structured pruning).
         retired = retirement(trial.study, params, prune_choices=tuple(self.space.prune__method),
@@ -148,6 +145,9 @@ class TrialRunner:
             skip_retired(trial, retired)
         if retired is not None:
             params = run_instead(trial, retired, params)
+        # The configuration that runs (suggest may override what the sampler drew: an ensemble is a
+        # probe). A probe picks its own regularisation, so samplers often draw a finished
+        # configuration again; it would measure the same numbers, so it is not run twice.
         config = {k: params[k] for k in sorted(params)}
         trial.set_user_attr("config", config)
         for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,

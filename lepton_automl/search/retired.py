@@ -23,8 +23,9 @@ run, not counted towards ``--n-trials`` (like a repeated configuration, ``search
 sampler draws again. A retired int8 draw runs as its fp32 twin instead (``Retirement.instead``;
 ``RAN_INSTEAD_ATTR`` records why), or, where that twin ran already, is skipped as its repeat: the
 rest of its configuration (a backbone at a small input size, say) is still worth a trial, and on such
-hardware the fp32 model is the faster one. A rule applies only when the space offers the option's alternative (``prune__method="none"``,
-``quant__mode="none"``): a user who asked for the option alone gets it. A retirement holds for the
+hardware the fp32 model is the faster one. A rule applies only when the space offers the option's
+alternative (``prune__method="none"``, ``quant__mode="none"``): a user who asked for the option alone
+gets it. A retirement holds for the
 rest of the study; a resumed or shared study (many workers) sees the same evidence.
 """
 
