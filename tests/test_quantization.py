@@ -64,9 +64,24 @@ def test_static_int8_for_convolutions(tmp_path) -> None:
 
 
 def test_dynamic_int8_for_matmul_graphs(tmp_path) -> None:
+    """A small MLP trained on a 6-class task (its logits then have margins; an untrained one's are
+    near ties, and over 40 initialisations from the global RNG its int8 file agreed with it on 0.898
+    of the examples at worst, so the old test failed now and then): int8 keeps its decisions."""
     gen = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 6)).eval()
-    x = torch.randn(128, 64, generator=gen).numpy()
+    with torch.random.fork_rng():  # the initialisation, independent of the tests run before
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 6))
+    inputs = torch.randn(768, 64, generator=gen)
+    labels = (inputs @ torch.randn(64, 6, generator=gen)).argmax(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        batch = torch.randint(0, 512, (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x = inputs[512:].numpy()
     fp32 = export_onnx(model, {"x": x[:1]}, tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
     assert not graph_has_conv(fp32)
     q = quantize_onnx(fp32, tmp_path / "q.onnx")
@@ -75,7 +90,11 @@ def test_dynamic_int8_for_matmul_graphs(tmp_path) -> None:
     ops = {n.op_type for n in onnx.load(str(q)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops or "DynamicQuantizeLinear" in ops
     a, b = _run(fp32, x), _run(q, x)
-    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+    assert (a.argmax(1) == labels[512:].numpy()).mean() >= 0.6  # the MLP learned the task (chance: 1/6)
+    # over 30 seeds (128 held-out rows) on a CPU without VNNI: agreement 0.969 at worst, mean error at
+    # most 0.009 of the logits' spread
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
+    assert np.abs(a - b).mean() < 0.05 * a.std(0).mean()
     assert q.stat().st_size < fp32.stat().st_size
     assert int8_weights(q) == Int8Weights(static=False, bits=8)  # dynamic int8 keeps 8 bits on every CPU
     seven = quantize_onnx(fp32, tmp_path / "q7.onnx", reduce_range=True)
