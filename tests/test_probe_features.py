@@ -75,14 +75,21 @@ def test_pooled_relu_features_with_most_values_zero_are_dense_not_counts() -> No
     np.testing.assert_allclose(z.std(0)[spread >= np.median(spread)], 1.0, rtol=1e-3)  # each on its own scale
 
 
-def test_a_probe_on_sparse_counts_beside_noisy_dense_features_generalises() -> None:
+@pytest.mark.parametrize("layout", ["dense, sparse", "sparse, dense, sparse"])
+def test_a_probe_on_sparse_counts_beside_noisy_dense_features_generalises(layout) -> None:
+    """Dense and sparse blocks in any order (an ensemble's members side by side): the sparse columns,
+    in runs, make one sparse part and the dense ones one dense part, mapped back to their columns."""
     def data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         words, labels = _bags(n, seed=seed)
         noise = np.random.default_rng(seed + 100).normal(0, 30, size=(n, 64)).astype(np.float32)
-        return np.concatenate([noise, words], axis=1), labels
+        if layout == "dense, sparse":
+            return np.concatenate([noise, words], axis=1), labels
+        return np.concatenate([words[:, :100], noise, words[:, 100:]], axis=1), labels
 
     x, y = data(300, 0)
-    fit = select_probe(x, y, 3, seed=0, blocks=[64, x.shape[1] - 64])
+    blocks = [64, x.shape[1] - 64] if layout == "dense, sparse" else [100, 64, x.shape[1] - 164]
+    assert sparse_blocks(x, blocks) == ([False, True] if layout == "dense, sparse" else [True, False, True])
+    fit = select_probe(x, y, 3, seed=0, blocks=blocks)
     x_test, y_test = data(3000, 1)
     with torch.no_grad():
         accuracy = float((fit.head(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
