@@ -31,6 +31,18 @@ def _patterns(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack(shapes).float()[:, None] * colour + 0.15 * torch.rand(n, 3, 16, 16, generator=gen), labels
 
 
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, rows: int, gen: torch.Generator) -> None:
+    """60 Adam steps on batches of 64 of the first ``rows`` examples; leaves ``model`` in eval mode."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        batch = torch.randint(0, rows, (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
 def test_static_int8_for_convolutions(tmp_path) -> None:
     """A small convolutional classifier, trained: its static int8 file keeps its decisions. (An untrained
     network's logits are near ties that int8 rounding flips: over 300 random initialisations, the
@@ -43,14 +55,7 @@ def test_static_int8_for_convolutions(tmp_path) -> None:
             torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4),
         )
     x, y = _patterns(512, gen)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        batch = torch.randint(0, 384, (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    _train(model, x, y, rows=384, gen=gen)
     held_out, labels = x[384:].numpy(), y[384:].numpy()
     fp32 = export_onnx(model, {"x": held_out[:1]}, tmp_path / "m.onnx", input_names=["x"],
                        dynamic_axes={"x": {0: "b"}})
@@ -73,14 +78,7 @@ def test_dynamic_int8_for_matmul_graphs(tmp_path) -> None:
         model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 6))
     inputs = torch.randn(768, 64, generator=gen)
     labels = (inputs @ torch.randn(64, 6, generator=gen)).argmax(1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        batch = torch.randint(0, 512, (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    _train(model, inputs, labels, rows=512, gen=gen)
     x = inputs[512:].numpy()
     fp32 = export_onnx(model, {"x": x[:1]}, tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
     assert not graph_has_conv(fp32)
