@@ -33,7 +33,8 @@ def test_image_search_records_three_objectives(image_outcome) -> None:
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     # three counted trials: the warm start's fp32 probe and its int8 twin complete; the third may be a
-    # draw that early stopping ends, where int8 was retired (no faster than fp32 on this CPU)
+    # draw that early stopping ends (where int8 was retired, no faster than fp32 on this CPU, the
+    # warm start's next int8 draw runs in fp32)
     assert counted_trials(study) == 3 and len(done) >= 2
     for t in done:
         acc, latency, cost = t.values
@@ -71,7 +72,7 @@ def test_rerun_resumes_instead_of_starting_over(image_folder, image_outcome) -> 
     assert len(again.study.trials) == len(outcome.study.trials)
     more = search(image_folder, backbones=["efficientnet_lite0"], n_trials=4, run_root=root, seed=0)
     # one more trial, whatever its outcome (complete, or stopped early by dominance); nothing left running.
-    # Draws of a retired option (int8 where it ran no faster than fp32 here) are not run and not counted.
+    # Draws not run (a repeat, or a retired option's: search/retired.py) are not counted.
     ran = [t for t in more.study.trials if not was_not_run(t)]
     assert counted_trials(more.study) == 4 and len(ran) == 4
     assert {t.state for t in more.study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
