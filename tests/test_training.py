@@ -145,6 +145,38 @@ def test_timing_a_training_step_changes_nothing(image_folder) -> None:
     assert not model.training and all(p.grad is None for p in model.parameters())
 
 
+def test_a_training_step_is_timed_on_a_batch_of_typical_length(tiny_bert_dir) -> None:
+    """A text batch is padded to its longest text and an epoch's batches are grouped by length: the
+    batch a step is timed on, scaled, must stand for the epoch's mean batch, not for the set's first
+    rows (here padded to the longest text of all)."""
+    from lepton_automl.training.finetune import length_grouped, length_rank, typical_batch
+    from lepton_text import TextModality
+    from tests.conftest import WORDS
+
+    modality = TextModality()
+    prep = {"max_length": 64, "tokenizer": str(tiny_bert_dir)}
+    rng = np.random.default_rng(0)
+    vocabulary = [w for words in WORDS.values() for w in words]
+    texts = [" ".join(rng.choice(vocabulary, size=int(n))) for n in [60, *rng.geometric(0.15, size=799)]]
+    batch = 32
+
+    def size(rows) -> int:  # what a batch costs: its encoded values, padding included
+        return sum(v.size for v in modality.encode([texts[i] for i in rows], preprocessing=prep).values())
+
+    rows, scale = typical_batch(modality, texts, prep, batch_size=batch, seed=3)
+    assert len(rows) == batch == len(set(rows.tolist())) and 0.8 < scale < 1.25
+    predicted = scale * size(rows) * (len(texts) // batch)  # 800 rows: 25 full batches
+    rank = length_rank(modality, texts)
+    for seed in range(3):  # epochs drawn as fine_tune draws them
+        order = length_grouped(np.random.default_rng(100 + seed).permutation(len(texts)), rank, batch)
+        epoch = sum(size(order[s : s + batch]) for s in range(0, len(texts), batch))
+        assert predicted == pytest.approx(epoch, rel=0.1)
+        assert size(range(batch)) * (len(texts) // batch) > 2 * epoch  # the first rows: the longest text's padding
+    # images all cost alike: the first rows, as they are
+    first, one = typical_batch(ImageModality(), [f"{i}.png" for i in range(100)], {}, batch_size=batch)
+    assert first.tolist() == list(range(batch)) and one == 1.0
+
+
 def test_text_training_batches_are_drawn_at_random_and_alike_in_length() -> None:
     from lepton_automl.training.finetune import LENGTH_GROUP_BATCHES, length_grouped, length_rank
     from lepton_text import TextModality

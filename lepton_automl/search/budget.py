@@ -1,8 +1,9 @@
 """Time a trial may spend: predicted epoch times and the number of epochs that fit.
 
 A fine-tuning or recovery epoch's wall time is predicted from one timed training step on the model
-about to train (``training.finetune.time_training_step``) times the steps, scaled by what the study's
-finished trials measured against their predictions (``train_cost_ratio``). Stages that cannot finish
+about to train (``training.finetune.time_training_step``, on a batch of typical length:
+``typical_batch``) times the steps, scaled by what the study's finished trials measured against their
+predictions (``train_cost_ratio``). Stages that cannot finish
 inside the trial's limit are cut short or not started, so a trial does not run into the limit
 mid-epoch when the prediction is right.
 """

@@ -25,7 +25,8 @@ from lepton_automl.search.early_stopping import StopCheck
 from lepton_automl.search.limits import Deadline
 from lepton_automl.search.scoring import head_accuracy, head_inputs
 from lepton_automl.training.cache import CachedArrays
-from lepton_automl.training.finetune import FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step
+from lepton_automl.training.finetune import (FineTuneConfig, evaluate_accuracy, fine_tune, time_training_step,
+                                             typical_batch)
 from lepton_automl.training.trainer import ProbeFit, select_probe, tail_features
 
 if TYPE_CHECKING:
@@ -136,12 +137,15 @@ class TrainingSteps:
 
     def epoch_seconds(self, model: torch.nn.Module, prep: Mapping[str, Any], batch_size: int = 32, *,
                       gmacs: float | None = None) -> float:
-        """Predicted seconds of one training epoch and validation pass: a timed training step times the
-        steps (a forward is about a third of a step), scaled by what this study's finished trials
-        measured against such predictions (``train_cost_ratio``; the optimizer step is not timed).
-        With ``gmacs`` (one example's forward pass), the step's seconds per GMAC are kept for ``screen``."""
-        step_s = time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size,
-                                    accel=self.runner.accelerator)
+        """Predicted seconds of one training epoch and validation pass: a timed training step on a batch
+        of typical cost (``typical_batch``), scaled to the epoch's mean step, times the steps (a
+        forward is about a third of a step), scaled by what this study's finished trials measured
+        against such predictions (``train_cost_ratio``; the optimizer step is not timed). With
+        ``gmacs`` (one example's forward pass), the step's seconds per GMAC are kept for ``screen``."""
+        rows, scale = typical_batch(self.modality, self.splits.train.examples, prep, batch_size=batch_size,
+                                    seed=self.runner.seed)
+        step_s = scale * time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size,
+                                            accel=self.runner.accelerator, rows=rows)
         if gmacs:
             self.step_seconds_per_gmac.append(step_s / (gmacs * min(batch_size, len(self.splits.train))))
         return self._epoch(step_s, batch_size) * (self.runner.train_cost_ratio or 1.0)
