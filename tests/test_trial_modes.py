@@ -3,6 +3,7 @@ predicted wall time, and the typed configuration that refuses misspelt keys."""
 
 from __future__ import annotations
 
+import gzip
 import time
 
 import numpy as np
@@ -79,6 +80,10 @@ def test_an_ensemble_trial_exports_one_model_that_serves_what_it_measured(image_
     assert both.extra["throughput_per_s"] == pytest.approx(
         1000.0 * both.extra["serving_batch"] / both.extra["latency_serving_batch_ms"])
     materialize(tmp_path / "two", modality=modality, registry=runner.registry)
+    # so is its compressed size, which is what compressing the shipped file gives
+    assert both.size_gz_mb == pytest.approx(sum(m.measured["size_gz_mb"] for m in members))
+    shipped = (tmp_path / "two" / "model.onnx").read_bytes()
+    assert both.size_gz_mb == pytest.approx(len(gzip.compress(shipped, 6)) / 2**20, rel=0.002)
     assert both.params_m > single.params_m and both.extra["gmacs"] > single.extra["gmacs"]
     assert len(load_metadata(tmp_path / "two")["members"]) == 2
     test = runner.splits.test

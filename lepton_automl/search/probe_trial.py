@@ -266,15 +266,17 @@ class ProbeTrials:
 
         ``members``: the measured entries ``runtime`` merges side by side. Its batch-1 latency is timed
         as any trunk's; its time at the serving batch, which prices inference and orders nothing, is
-        the sum of theirs (the merge runs them one after another). Summed and timed, the three
+        the sum of theirs (the merge runs them one after another), and so is its compressed size
+        (each member's with a head of its width: together, the merge's head and a bias per extra member). Summed and timed, the three
         backbones' merge at batch 32 took 104/107 ms (96 px), 296/291 and 291/291 ms (160 px), 587/577
         and 585/576 ms (224 px); timing it took 3-3.5 s of every such entry's 4.6-5.0 s of measurement,
         most of it ONNX Runtime's two slow first calls at a new batch size."""
         r = self.runner
         timer = OnnxTimer(linear_head_bytes(runtime, head), threads=r.threads)
-        serving_ms = None
+        serving_ms = size_gz_mb = None
         if members is not None:
             serving_ms = sum(float(m.measured["latency_serving_batch_ms"]) for m in members)
+            size_gz_mb = sum(float(m.measured["size_gz_mb"]) for m in members)
         if check is not None:
             # VERIFY_EXAMPLES rows: at the default --serving-batch (32) the same shape the throughput is
             # timed at, so this call is that timing's warm-up (OnnxTimer.run); a merge's rows go one
@@ -284,7 +286,7 @@ class ProbeTrials:
         measured = measure_artifact(timer, r.latency_example(prep, r.seed), model=None,
                                     input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
                                     threads=r.threads, serving_batch=r.serving_batch, counts=counts,
-                                    serving_ms=serving_ms).metrics()
+                                    serving_ms=serving_ms, size_gz_mb=size_gz_mb).metrics()
         return {**measured, "serving_batch_summed": serving_ms is not None}
 
     def _verify(self, session: Any, cached_validation: np.ndarray, prep: Mapping[str, Any], *,

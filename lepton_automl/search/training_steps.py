@@ -140,7 +140,8 @@ class TrainingSteps:
         """Predicted seconds of one training epoch and validation pass: a timed training step on a batch
         of typical cost (``typical_batch``), scaled to the epoch's mean step, times the steps (a
         forward is about a third of a step), scaled by what this study's finished trials measured
-        against such predictions (``train_cost_ratio``; the optimizer step is not timed). With
+        against such predictions (``train_cost_ratio``: what the step leaves out, scheduling and
+        checks, and what varies from batch to batch). With
         ``gmacs`` (one example's forward pass), the step's seconds per GMAC are kept for ``screen``."""
         rows, scale = typical_batch(self.modality, self.splits.train.examples, prep, batch_size=batch_size,
                                     seed=self.runner.seed)
