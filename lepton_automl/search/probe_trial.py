@@ -266,11 +266,12 @@ class ProbeTrials:
 
         ``members``: the measured entries ``runtime`` merges side by side. Its batch-1 latency is timed
         as any trunk's; its time at the serving batch, which prices inference and orders nothing, is
-        the sum of theirs (the merge runs them one after another), and so is its compressed size
-        (each member's with a head of its width: together, the merge's head and a bias per extra member). Summed and timed, the three
+        the sum of theirs (the merge runs them one after another). Summed and timed, the three
         backbones' merge at batch 32 took 104/107 ms (96 px), 296/291 and 291/291 ms (160 px), 587/577
         and 585/576 ms (224 px); timing it took 3-3.5 s of every such entry's 4.6-5.0 s of measurement,
-        most of it ONNX Runtime's two slow first calls at a new batch size."""
+        most of it ONNX Runtime's two slow first calls at a new batch size. Its compressed size is the
+        sum of theirs too (each member's with a head of its width: together, the merge's head and a
+        bias per extra member)."""
         r = self.runner
         timer = OnnxTimer(linear_head_bytes(runtime, head), threads=r.threads)
         serving_ms = size_gz_mb = None

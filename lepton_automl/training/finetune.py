@@ -284,7 +284,8 @@ def typical_batch(modality: Modality, examples: Any, preprocessing: Mapping[str,
     A text batch is padded to its longest text, and ``fine_tune`` draws batches of alike lengths
     (``length_grouped``): the first ``batch_size`` rows of the set are no guide. On the man-page
     training set they were padded to 64 tokens at ``max_length`` 64, where the length-grouped batches
-    averaged 18 (128: 3.5x -> 5.8x; 256: 7.8x), and a MiniLM epoch was predicted at 202 s from them.
+    averaged 18: 3.5x the mean batch's tokens (5.8x at 128, 7.8x at 256), and a MiniLM epoch was
+    predicted at 202 s from them (69-78 s measured).
     Here one epoch's batches are drawn as ``fine_tune`` draws them and encoded (tokenizing is cheap):
     the full batch whose size (encoded values, padding included) is nearest their mean is returned,
     with the ratio of the mean to its size, which scales the step timed on it to the epoch's mean
@@ -308,9 +309,9 @@ def time_training_step(model: nn.Module, modality: Modality, data: LabelledData,
                        rows: Any = None) -> float:
     """Seconds of one training step (encode, forward, backward, AdamW's update) on a batch of ``data``
     (its ``rows``; the first ``batch_size`` by default: see ``typical_batch``), the median of
-    ``repeats`` after one warm-up; no weight changes (gradients are discarded). Times the real thing rather than
-    extrapolating from inference: on the man-page set a MiniLM epoch was predicted at 159 s from
-    feature extraction and took 27 s. On a GPU the step runs there, in mixed precision; encoding is
+    ``repeats`` after one warm-up; no weight changes (gradients are discarded). Times the real thing
+    rather than extrapolating from inference: on the man-page set a MiniLM epoch was predicted at
+    159 s from feature extraction and took 27 s. On a GPU the step runs there, in mixed precision; encoding is
     left out of the time (worker processes do it while the GPU computes)."""
     import time
 
