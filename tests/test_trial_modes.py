@@ -252,16 +252,60 @@ def test_a_partial_fine_tuning_keeps_time_for_the_recovery_after_it(image_folder
     card = runner.registry.get("efficientnet_lite0")
     parts = build_seeded(modality, card, runner.registry, params=params, finetune_blocks=config.finetune_blocks,
                          pretrained=False, seed=0)
-    example = runner.latency_example(runner._preprocessing([card], params), 0)
+    prep = runner._preprocessing([card], params)
+    example = runner.latency_example(prep, 0)
     steps = runner.steps
-    assert steps.after_partial_fine_tuning(config, parts, example) == 0.0  # no training step timed yet
+    assert steps.after_partial_fine_tuning(config, parts, example, prep) == 0.0  # no training step timed yet
     steps.step_seconds_per_gmac.append(0.01)
     gmacs = count_macs(ExportModel(parts.trunk, parts.tail, torch.nn.Identity()), example, modality.input_names()) / 1e9
+    assert steps.training_gmacs(gmacs, example, prep) == gmacs  # images all cost alike
     epoch = steps.least_epoch_seconds(gmacs * 0.25)  # channels cut by half: a quarter of the MACs
     assert epoch is not None and epoch > 0
-    assert steps.after_partial_fine_tuning(config, parts, example) == pytest.approx(epoch * (2 + 1 / 3) + PROBE_FIT_S)
+    assert steps.after_partial_fine_tuning(config, parts, example, prep) == pytest.approx(
+        epoch * (2 + 1 / 3) + PROBE_FIT_S)
     for other in ({"prune__method": "none"}, {"prune__method": "unstructured", "prune__amount": 0.5}):
-        assert steps.after_partial_fine_tuning(TrialConfig.from_params({**params, **other}), parts, example) == 0.0
+        assert steps.after_partial_fine_tuning(TrialConfig.from_params({**params, **other}), parts, example,
+                                               prep) == 0.0
+
+
+def test_a_text_epoch_is_costed_at_its_mean_example_not_the_longest(tiny_bert_dir, tmp_path) -> None:
+    """Training GMACs follow what an epoch's length-grouped batches hold, padding included; latency's
+    example is the longest of 64, which grows with ``max_length`` where most texts stay short."""
+    import csv
+
+    from lepton_automl.training.finetune import length_grouped, length_rank
+    from tests.conftest import WORDS
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "texts.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for label, words in WORDS.items():
+            for i in range(150):
+                n = 60 if i % 25 == 0 else int(rng.integers(2, 9))  # a few long texts among short ones
+                writer.writerow([" ".join(rng.choice(words, size=n)), label])
+    modality = TextModality()
+    runner = _tiny_text_runner(modality, path, tiny_bert_dir, tmp_path)
+    train = runner.splits.train.examples
+    example = {}
+    for max_length in (16, 64):
+        prep = {"max_length": max_length, "tokenizer": str(tiny_bert_dir)}
+        mean = runner.steps.mean_example_size(prep)
+        rank = length_rank(modality, train)
+        for seed in range(3):  # epochs drawn as fine_tune draws them
+            order = length_grouped(np.random.default_rng(10 + seed).permutation(len(train)), rank, 32)
+            padded = sum(sum(v.size for v in modality.encode([train[i] for i in order[s : s + 32]],
+                                                             preprocessing=prep).values())
+                         for s in range(0, len(train), 32))
+            assert mean == pytest.approx(padded / len(train), rel=0.1)
+        example[max_length] = runner.latency_example(prep, 0)
+        assert runner.steps.training_gmacs(1.0, example[max_length], prep) == pytest.approx(
+            mean / sum(v.size for v in example[max_length].values()))
+    # the longest example grew with max_length; the mean text much less
+    longest = {k: sum(v.size for v in e.values()) for k, e in example.items()}
+    means = {k: runner.steps.mean_example_size({"max_length": k, "tokenizer": str(tiny_bert_dir)}) for k in (16, 64)}
+    assert longest[64] > 3 * longest[16] and means[64] < 2 * means[16]
 
 
 def test_the_head_input_comes_out_of_fp32_and_int8_exports_beside_the_logits(image_folder, tmp_path) -> None:

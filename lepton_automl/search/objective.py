@@ -237,7 +237,7 @@ class TrialRunner:
         latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
         # wall seconds per step, kept on the trial (stage_seconds)
         stages.plan("features", "training", "pruning", "head refit", "export and quantization", "scoring", "measurement")
-        self.steps.screen_trial(config, parts, latency_input, deadline)  # before its features are extracted
+        self.steps.screen_trial(config, parts, latency_input, prep, deadline)  # before its features are extracted
 
         each = [self.features(c, lambda p=p: p, prep, config) for c, p in zip(cards, member_parts)]
         cached = concat_features(each)
@@ -365,7 +365,7 @@ class TrialRunner:
             # Keep time for what follows: a structured pruning's recovery and the head refit after it,
             # in seconds from the pruned network's MACs; else the head refit alone (a forward pass of
             # the tail over train + validation and a probe fit: ``TrainingSteps.final_head``).
-            later_s = self.steps.after_partial_fine_tuning(config, parts, latency_input)
+            later_s = self.steps.after_partial_fine_tuning(config, parts, latency_input, prep)
             pacer = EpochPacer(deadline, what="fine-tuning", steps_per_epoch=-(-len(labels) // ft.batch_size),
                                reserve_epochs=0.0 if later_s else REFIT_EPOCHS, reserve_s=later_s or REFIT_S)
             train_tail(parts.tail, head, train_inputs, labels, ft, after_batch=pacer.after_batch,

@@ -5,6 +5,7 @@ a predicted epoch time, early stopping's judge for partial fine-tuning, and prun
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +51,12 @@ FULL_FINETUNE_LAYER_DECAY = 0.8
 class TrainingSteps:
     def __init__(self, runner: TrialRunner) -> None:
         self.runner = runner
-        # Seconds of a timed training step per GMAC of one example's forward pass, per step timed by
-        # this worker: what ``screen`` predicts the next configuration's epochs from, before timing it.
+        # Seconds of a timed training step per GMAC of an epoch's mean example (``training_gmacs``), per
+        # step timed by this worker: what ``screen`` predicts the next configuration's epochs from,
+        # before timing it.
         self.step_seconds_per_gmac: list[float] = []
+        self._typical: dict[str, tuple[np.ndarray, float]] = {}  # typical_batch, by preprocessing and batch size
+        self._mean_size: dict[str, float | None] = {}  # mean_example_size, likewise
 
     @property
     def modality(self) -> Any:
@@ -100,9 +104,10 @@ class TrainingSteps:
         # Pruning with recovery comes later in the same trial: keep its time free (``after_fine_tuning``).
         later_epochs, later_s = self.after_fine_tuning(config)
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
-        self.screen(gmacs, deadline, what="fine-tuning", batch_size=cfg.batch_size, reserve_epochs=later_epochs,
+        trained = self.training_gmacs(gmacs, latency_input, prep, cfg.batch_size)
+        self.screen(trained, deadline, what="fine-tuning", batch_size=cfg.batch_size, reserve_epochs=later_epochs,
                     reserve_s=later_s)
-        per_epoch = self.epoch_seconds(model, prep, cfg.batch_size, gmacs=gmacs)
+        per_epoch = self.epoch_seconds(model, prep, cfg.batch_size, gmacs=trained)
         fits = epochs_that_fit(int(config.train.epochs), per_epoch, deadline,
                                reserve=per_epoch * later_epochs + later_s, what="fine-tuning")
 
@@ -141,22 +146,57 @@ class TrainingSteps:
         of typical cost (``typical_batch``), scaled to the epoch's mean step, times the steps (a
         forward is about a third of a step), scaled by what this study's finished trials measured
         against such predictions (``train_cost_ratio``: what the step leaves out, scheduling and
-        checks, and what varies from batch to batch). With
-        ``gmacs`` (one example's forward pass), the step's seconds per GMAC are kept for ``screen``."""
-        rows, scale = typical_batch(self.modality, self.splits.train.examples, prep, batch_size=batch_size,
-                                    seed=self.runner.seed)
+        checks, and what varies from batch to batch). With ``gmacs`` (``training_gmacs``: an epoch's mean
+        example's forward pass), the step's seconds per GMAC are kept for ``screen``."""
+        rows, scale = self.typical_batch(prep, batch_size)
         step_s = scale * time_training_step(model, self.modality, self.splits.train, prep, batch_size=batch_size,
                                             accel=self.runner.accelerator, rows=rows)
         if gmacs:
             self.step_seconds_per_gmac.append(step_s / (gmacs * min(batch_size, len(self.splits.train))))
         return self._epoch(step_s, batch_size) * (self.runner.train_cost_ratio or 1.0)
 
+    def typical_batch(self, prep: Mapping[str, Any], batch_size: int = 32) -> tuple[np.ndarray, float]:
+        """``training.finetune.typical_batch`` of the training split, once per preprocessing."""
+        key = json.dumps([prep, batch_size], sort_keys=True, default=str)
+        if key not in self._typical:
+            self._typical[key] = typical_batch(self.modality, self.splits.train.examples, prep,
+                                               batch_size=batch_size, seed=self.runner.seed)
+        return self._typical[key]
+
+    def training_gmacs(self, gmacs: float, latency_input: Mapping[str, np.ndarray], prep: Mapping[str, Any],
+                       batch_size: int = 32) -> float:
+        """``gmacs``, one forward pass of ``latency_input`` (``TrialRunner.latency_example``: the longest
+        of 64 training examples), scaled to an epoch's mean training example by encoded size, padding
+        included: what a training step's cost follows, where latency follows the long example.
+
+        For text the two part as ``max_length`` grows: on man pages the latency example runs to the
+        limit while most texts stay short (length-grouped batches averaged 18 tokens at 64 and 27 at
+        256), and a rate per GMAC measured at 64 tokens put a 256-token MiniLM epoch at "244 s at
+        least". Unchanged where every example encodes alike (images)."""
+        mean = self.mean_example_size(prep, batch_size)
+        if mean is None:
+            return gmacs
+        return gmacs * mean / max(1, sum(int(np.size(v)) for v in latency_input.values()))
+
+    def mean_example_size(self, prep: Mapping[str, Any], batch_size: int = 32) -> float | None:
+        """The encoded size (values, padding included) of a training epoch's mean example, from its
+        typical batch; None where every example encodes alike (no ``batch_order``: images)."""
+        key = json.dumps([prep, batch_size], sort_keys=True, default=str)
+        if key not in self._mean_size:
+            size = None
+            if self.modality.batch_order(self.splits.train.examples[:1]) is not None:
+                rows, scale = self.typical_batch(prep, batch_size)
+                batch = self.modality.encode([self.splits.train.examples[i] for i in rows], preprocessing=prep)
+                size = sum(v.size for v in batch.values()) * scale / len(rows)
+            self._mean_size[key] = size
+        return self._mean_size[key]
+
     def _epoch(self, step_s: float, batch_size: int) -> float:
         steps = -(-len(self.splits.train) // batch_size) + -(-len(self.splits.validation) // batch_size) / 3.0
         return step_s * steps
 
     def screen_trial(self, config: TrialConfig, parts: ModelParts, latency_input: Mapping[str, np.ndarray],
-                     deadline: Deadline) -> None:
+                     prep: Mapping[str, Any], deadline: Deadline) -> None:
         """``screen`` before anything of the trial runs (features, the probe it starts from): a full
         fine-tuning, or a structured pruning's recovery, that could not fit one epoch is not started.
         Two such trials of the glyph benchmark spent 17-18 s each extracting features first."""
@@ -166,7 +206,8 @@ class TrainingSteps:
         if config.train.mode != "full" and not structured:
             return
         model = ExportModel(parts.trunk, parts.tail, torch.nn.Identity())
-        gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
+        gmacs = self.training_gmacs(count_macs(model, latency_input, self.modality.input_names()) / 1e9,
+                                    latency_input, prep)
         if config.train.mode == "full":
             epochs, seconds = self.after_fine_tuning(config)
             self.screen(gmacs, deadline, what="fine-tuning", reserve_epochs=epochs, reserve_s=seconds)
@@ -210,15 +251,16 @@ class TrainingSteps:
                         basis=" at least (from its MACs, at the fastest rate per GMAC this search's training ran)")
 
     def least_epoch_seconds(self, gmacs: float, batch_size: int = 32) -> float | None:
-        """Seconds one training epoch of a network of ``gmacs`` (one example's forward pass) takes at
-        least: at the fastest seconds per GMAC of the training steps this worker timed. None before any."""
+        """Seconds one training epoch of a network of ``gmacs`` (``training_gmacs``: an epoch's mean
+        example's forward pass) takes at least: at the fastest seconds per GMAC of the training steps
+        this worker timed. None before any."""
         if not self.step_seconds_per_gmac or gmacs <= 0:
             return None
         step_s = min(self.step_seconds_per_gmac) * gmacs * min(batch_size, len(self.splits.train))
         return self._epoch(step_s, batch_size) * min(1.0, self.runner.train_cost_ratio or 1.0)
 
     def after_partial_fine_tuning(self, config: TrialConfig, parts: ModelParts,
-                                  latency_input: Mapping[str, np.ndarray]) -> float:
+                                  latency_input: Mapping[str, np.ndarray], prep: Mapping[str, Any]) -> float:
         """Seconds, at least, that a structured pruning's recovery and the head refit after it take
         once a partial fine-tuning ends (``least_epoch_seconds`` of the pruned network); 0 without such
         a pruning, or before any training step was timed. What the fine-tuning keeps free: a man-page
@@ -228,7 +270,7 @@ class TrainingSteps:
             return 0.0
         model = ExportModel(parts.trunk, parts.tail, torch.nn.Identity())
         gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9 * self.macs_kept(config)
-        epoch = self.least_epoch_seconds(gmacs)
+        epoch = self.least_epoch_seconds(self.training_gmacs(gmacs, latency_input, prep))
         return 0.0 if epoch is None else epoch * (int(config.prune.recovery_epochs) + REFIT_EPOCHS) + REFIT_S
 
     # -- pruning, then recovery ------------------------------------------------------------
@@ -245,8 +287,9 @@ class TrainingSteps:
             deadline.check("pruning")
             gmacs = count_macs(model, latency_input, self.modality.input_names()) / 1e9
             # Keep time for the head refit after recovery (REFIT_EPOCHS, REFIT_S: ``final_head``).
-            self.screen(gmacs, deadline, what="pruning recovery", reserve_epochs=REFIT_EPOCHS, reserve_s=REFIT_S)
-            per_epoch = self.epoch_seconds(model, prep, gmacs=gmacs)
+            trained = self.training_gmacs(gmacs, latency_input, prep)
+            self.screen(trained, deadline, what="pruning recovery", reserve_epochs=REFIT_EPOCHS, reserve_s=REFIT_S)
+            per_epoch = self.epoch_seconds(model, prep, gmacs=trained)
             epochs = epochs_that_fit(int(prune.recovery_epochs), per_epoch, deadline, what="pruning recovery",
                                      reserve=per_epoch * REFIT_EPOCHS + REFIT_S)
             self.recover(model, prep, epochs=epochs, seed=seed, deadline=deadline, stop=stop, gmacs=gmacs)
