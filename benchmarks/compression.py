@@ -84,7 +84,7 @@ def run(modality_name: str, data_source: str, base: dict, compressions: dict, tr
     # A probe trial writes a recipe (head + its trunk's entry); the export folder is made from it.
     source = materialize(work / "source", modality=modality, registry=registry)
     prep = Predictor(source).preprocessing
-    feeds = runner.latency_example(prep, 0)  # the input every latency of this backbone is taken on
+    feeds = runner.latency_example(prep)  # the input every latency of this backbone is taken on
     names = modality.input_names()
     model = rebuild_model(source)
     src_row = describe(source, feeds, names)
@@ -98,7 +98,7 @@ def run(modality_name: str, data_source: str, base: dict, compressions: dict, tr
         runner.evaluate({**base, **extra}, trial_dir=work / name.replace(" ", "_"), seed=0)
         folders[name] = (materialize(work / name.replace(" ", "_"), modality=modality, registry=registry),
                          time.perf_counter() - t0)
-    inputs = {name: runner.latency_example(Predictor(folder).preprocessing, 0) if name in trials else feeds
+    inputs = {name: runner.latency_example(Predictor(folder).preprocessing) if name in trials else feeds
               for name, (folder, _) in folders.items()}  # another input size: its encoding of the same example
     # Latency in ROUNDS interleaved rounds over all variants (drift on a shared machine hits them
     # alike); each variant's figure is the median of its round medians, the spread is kept.

@@ -253,7 +253,7 @@ def test_a_partial_fine_tuning_keeps_time_for_the_recovery_after_it(image_folder
     parts = build_seeded(modality, card, runner.registry, params=params, finetune_blocks=config.finetune_blocks,
                          pretrained=False, seed=0)
     prep = runner._preprocessing([card], params)
-    example = runner.latency_example(prep, 0)
+    example = runner.latency_example(prep)
     steps = runner.steps
     assert steps.after_partial_fine_tuning(config, parts, example, prep) == 0.0  # no training step timed yet
     steps.step_seconds_per_gmac.append(0.01)
@@ -299,7 +299,7 @@ def test_a_text_epoch_is_costed_at_its_mean_example_not_the_longest(tiny_bert_di
                                                              preprocessing=prep).values())
                          for s in range(0, len(train), 32))
             assert mean == pytest.approx(padded / len(train), rel=0.1)
-        example[max_length] = runner.latency_example(prep, 0)
+        example[max_length] = runner.latency_example(prep)
         assert runner.steps.training_gmacs(1.0, example[max_length], prep) == pytest.approx(
             mean / sum(v.size for v in example[max_length].values()))
     # the longest example grew with max_length; the mean text much less
@@ -348,3 +348,39 @@ def test_the_head_input_comes_out_of_fp32_and_int8_exports_beside_the_logits(ima
                        input_names=modality.input_names(), dynamic_axes=modality.dynamic_axes())
     with pytest.raises(ExportError, match="not an ExportModel with a linear head"):
         onnx_logits_and_head_inputs(bare, modality, data, prep)
+
+
+def test_every_trial_at_one_length_is_measured_on_the_same_input(tiny_bert_dir, tmp_path) -> None:
+    """The latency example is drawn with the search's seed, once per preprocessing: two fine-tunes that
+    differ only in their trial's seed, and the probe at the same length, count and time the same input.
+    Texts of a long-tailed length make the longest of any 64 drawn depend on which were drawn."""
+    import csv
+
+    from tests.conftest import WORDS
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "texts.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for label, words in WORDS.items():
+            for _ in range(60):
+                writer.writerow([" ".join(rng.choice(words, size=min(2 + int(rng.pareto(2.5) * 3), 50))), label])
+    runner = _tiny_text_runner(TextModality(), path, tiny_bert_dir, tmp_path)
+    base = {"backbone": "tiny", "data__max_length": 64, "prune__method": "none", "quant__mode": "none"}
+    full = {**base, "train__mode": "full", "train__epochs": 1, "optim__lr": 1e-3, "optim__weight_decay": 0.01}
+    train = runner.splits.train.examples
+    prep = runner._preprocessing([runner.registry.get("tiny")], full)
+
+    def longest_drawn(seed: int) -> int:  # the longest of 64 drawn with ``seed``, in tokens
+        drawn = np.random.default_rng(seed).choice(len(train), size=64, replace=False)
+        return max(runner.modality.encode([train[i]], preprocessing=prep)["input_ids"].shape[1] for i in drawn)
+
+    # two trials whose own draws (what each timed before) differ in length
+    other = next(seed for seed in range(4, 100) if longest_drawn(seed) != longest_drawn(3))
+    assert runner.latency_example(prep)["input_ids"].shape[1] == longest_drawn(runner.seed)
+    gmacs = {seed: runner.evaluate(full, trial_dir=tmp_path / f"full{seed}", seed=seed).extra["gmacs"]
+             for seed in (3, other)}
+    assert gmacs[3] == gmacs[other]
+    probe = runner.evaluate({**base, "train__mode": "probe"}, trial_dir=tmp_path / "probe", seed=5).extra["gmacs"]
+    assert probe == pytest.approx(gmacs[3], rel=1e-6)

@@ -119,6 +119,7 @@ class TrialRunner:
         # the front trials that use it, so no worker ever loses a trunk another one still needs.
         self.steps = TrainingSteps(self)
         self._equivalents: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
+        self._latency_examples: dict[str, dict[str, np.ndarray]] = {}
         self.probes = ProbeTrials(self, TrunkStore(self.run_dir / "trunks" / worker_identity().replace(":", "-")))
         # The validation and test examples go through many files (int8 trunks, exported networks):
         # each is decoded once per preprocessing.
@@ -234,7 +235,7 @@ class TrialRunner:
         parts = member_parts[0] if len(cards) == 1 else ModelParts(
             trunk=ConcatTrunk([p.trunk for p in member_parts]), tail=torch.nn.Identity(),
             feature_dim=sum(p.feature_dim for p in member_parts))
-        latency_input = self.latency_example(prep, seed)  # latency, MACs and early stopping's estimate
+        latency_input = self.latency_example(prep)  # latency, MACs and early stopping's estimate
         # wall seconds per step, kept on the trial (stage_seconds)
         stages.plan("features", "training", "pruning", "head refit", "export and quantization", "scoring", "measurement")
         self.steps.screen_trial(config, parts, latency_input, prep, deadline)  # before its features are extracted
@@ -444,14 +445,20 @@ class TrialRunner:
         return f"{self.data_card()['name']} {self.modality.name} classifier"
 
     # -- inputs -----------------------------------------------------------------------------
-    def latency_example(self, prep: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
-        """A batch-1 input as long as the 98th-percentile example: of 64 random training examples,
-        the one whose encoding is largest (text length; images are all the same size)."""
-        rng = np.random.default_rng(seed)
-        n = min(64, len(self.splits.train))
-        idx = rng.choice(len(self.splits.train), size=n, replace=False)
-        encoded = [self.modality.encode([self.splits.train.examples[i]], preprocessing=prep) for i in idx]
-        return max(encoded, key=lambda e: sum(v.size for v in e.values()))
+    def latency_example(self, prep: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """A batch-1 input as long as the 98th-percentile example: of 64 random training examples (drawn
+        with the search's seed), the one whose encoding is largest (text length; images are all the same
+        size). One per preprocessing, so every trial at it is timed and counted on the same input: a
+        probe's trunk and a network trained at the same length, and one trial and the next (each drew
+        its own 64 before, and on text their MACs and latency differed by which were drawn)."""
+        key = cache_key(dict(prep))
+        if key not in self._latency_examples:
+            rng = np.random.default_rng(self.seed)
+            n = min(64, len(self.splits.train))
+            idx = rng.choice(len(self.splits.train), size=n, replace=False)
+            encoded = [self.modality.encode([self.splits.train.examples[i]], preprocessing=prep) for i in idx]
+            self._latency_examples[key] = max(encoded, key=lambda e: sum(v.size for v in e.values()))
+        return {name: array.copy() for name, array in self._latency_examples[key].items()}
 
     def calibration_feeds(self, prep: Mapping[str, Any], seed: int, batch: int = 16) -> list[dict[str, np.ndarray]]:
         """Encoded batches (of up to ``batch``) of random training examples, for static int8: up to

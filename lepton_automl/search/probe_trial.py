@@ -201,7 +201,7 @@ class ProbeTrials:
                                input_names=r.modality.input_names(), dynamic_axes=r.modality.dynamic_axes(),
                                output_names=("features",))
             model = ExportModel(module, torch.nn.Identity(), head)
-            gmacs = count_macs(model, r.latency_example(prep, r.seed), r.modality.input_names()) / 1e9 - _head_gmacs(head)
+            gmacs = count_macs(model, r.latency_example(prep), r.modality.input_names()) / 1e9 - _head_gmacs(head)
             params_m = sum(p.numel() for p in module.parameters()) / 1e6
         if quant != "none" and twin is None:  # int8 ships beside the fp32 file: checked here (a twin's was)
             self._verify(ort_session(fp32), cached_validation, prep)
@@ -284,7 +284,7 @@ class ProbeTrials:
             # per call, the batch-1 timing's warm-up
             self._verify(timer, check, prep, head=head,
                          **({} if members is None else {"examples": MERGE_VERIFY_EXAMPLES, "batch": 1}))
-        measured = measure_artifact(timer, r.latency_example(prep, r.seed), model=None,
+        measured = measure_artifact(timer, r.latency_example(prep), model=None,
                                     input_names=r.modality.input_names(), cost=r.cost, train_seconds=0.0,
                                     threads=r.threads, serving_batch=r.serving_batch, counts=counts,
                                     serving_ms=serving_ms, size_gz_mb=size_gz_mb).metrics()
