@@ -278,3 +278,45 @@ def test_weighted_rows_pull_the_head_and_judged_rows_alone_choose_the_strength()
     assert max(first_heavier.cv_by_l2.values()) < 0.6
     with pytest.raises(ValueError, match="judged_rows must mark at least one of the 600 examples"):
         select_probe(twice, labels, 3, seed=0, judged_rows=np.zeros(len(labels), dtype=bool))
+
+
+def test_a_validation_pass_batches_texts_of_alike_length_and_scores_each_as_alone(tiny_bert_dir) -> None:
+    """``evaluate_correct`` runs its batches in the modality's ``batch_order`` (a text batch is padded to
+    its longest text): far fewer padded tokens than batches as the texts came, and each example gets
+    what the model says of it alone, from encoded batches and from a decoded set alike."""
+    from lepton_automl.accel import CPU, decode_all
+    from lepton_automl.backbones import BackboneCard, BackboneRegistry
+    from lepton_automl.data.dataset import LabelledData
+    from lepton_automl.interfaces import build_seeded
+    from lepton_automl.training.finetune import evaluate_correct
+    from lepton_text import TextModality
+    from tests.conftest import WORDS
+
+    modality = TextModality()
+    registry = BackboneRegistry()
+    card = BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local")
+    registry.register(card)
+    prep = {"max_length": 48, "tokenizer": str(tiny_bert_dir)}
+    parts = build_seeded(modality, card, registry, params={}, finetune_blocks=0, pretrained=True, seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ExportModel(parts.trunk, parts.tail, nn.Linear(parts.feature_dim, len(WORDS))).eval()
+    rng = np.random.default_rng(0)
+    words = [w for ws in WORDS.values() for w in ws]
+    texts = [" ".join(rng.choice(words, size=40 if i % 10 == 0 else int(rng.integers(2, 6)))) for i in range(200)]
+    labels = rng.integers(0, len(WORDS), size=len(texts))
+    data = LabelledData(examples=tuple(texts), labels=labels, classes=tuple(sorted(WORDS)), name="texts")
+    with torch.no_grad():
+        alone = np.array([int(model(*[torch.from_numpy(modality.encode([t], preprocessing=prep)[name])
+                                      for name in modality.input_names()]).argmax(1)) for t in texts]) == labels
+    padded = []
+    hook = model.register_forward_pre_hook(lambda _, args: padded.append(int(args[0].numel())))
+    assert np.array_equal(evaluate_correct(model, modality, data, prep, batch_size=32), alone)
+    tokens = sum(padded)
+    assert np.array_equal(evaluate_correct(model, modality, data, prep, batch_size=32,
+                                           decoded=decode_all(modality, texts, prep, accel=CPU)), alone)
+    hook.remove()
+    as_they_came = sum(int(modality.encode(texts[s : s + 32], preprocessing=prep)["input_ids"].size)
+                       for s in range(0, len(texts), 32))
+    assert tokens < 0.5 * as_they_came
+    assert sum(padded) - tokens < 0.5 * as_they_came  # the decoded set's batches too

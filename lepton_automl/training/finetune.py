@@ -379,17 +379,22 @@ def evaluate_accuracy(model: nn.Module, modality: Modality, data: LabelledData,
 def evaluate_correct(model: nn.Module, modality: Modality, data: LabelledData,
                      preprocessing: Mapping[str, Any], *, batch_size: int = 64, accel: Accelerator = CPU,
                      decoded: DecodedSet | None = None) -> np.ndarray:
-    """Which examples of ``data`` the torch model gets right (bool per example); as ``evaluate_accuracy``."""
+    """Which examples of ``data`` the torch model gets right (bool per example); as ``evaluate_accuracy``.
+    Batches follow the modality's ``batch_order``: a text batch is padded to its longest text, and a
+    fine-tuning's validation pass after every epoch ran on batches of texts as they came."""
     model.eval()
     device = _device_of(model)
     on_device = dataclasses.replace(accel, device=str(device))  # accel's settings, where the model is
     labels = np.asarray(data.labels)
     right = np.zeros(len(data), dtype=bool)
+    given = modality.batch_order(data.examples)
+    order = np.arange(len(data)) if given is None else np.asarray(given, dtype=np.int64)
     if decoded is not None:
         parts: Iterable[tuple[np.ndarray, list[torch.Tensor]]] = (
-            (idx, decoded.batch(idx)) for idx in np.array_split(np.arange(len(data)), max(1, -(-len(data) // batch_size))))
+            (idx, decoded.batch(idx)) for idx in np.array_split(order, max(1, -(-len(data) // batch_size))))
     else:
-        parts = encoded_batches(modality, data.examples, preprocessing, batch_size=batch_size, accel=on_device)
+        parts = encoded_batches(modality, data.examples, preprocessing, batch_size=batch_size, accel=on_device,
+                                order=order)
     for idx, tensors in parts:
         with on_device.autocast():
             logits = model(*on_device.model_inputs(modality, tensors, preprocessing))
