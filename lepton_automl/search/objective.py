@@ -46,12 +46,11 @@ from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeo
 from lepton_automl.search.probe_trial import ProbeTrials
 from lepton_automl.search.repeats import skip_repeat
 from lepton_automl.search.retired import retirement, run_instead, skip_retired
-from lepton_automl.search.training_steps import REFIT_EPOCHS, REFIT_S, TrainingSteps
+from lepton_automl.search.training_steps import REFIT_EPOCHS, REFIT_S, HeadRefit, TrainingSteps
 from lepton_automl.search.trunks import TrunkStore
 from lepton_automl.search.scoring import (
     Scores,
     concat_features,
-    head_inputs,
     head_logits,
     onnx_accuracy,
     onnx_logits,
@@ -62,7 +61,6 @@ from lepton_automl.search.workers import SURPLUS_ATTR, WORKER_ATTR, is_surplus, 
 from lepton_automl.sessions import ort_session
 from lepton_automl.training.cache import CachedArrays, FeatureCache, cache_key
 from lepton_automl.training.trainer import (
-    ProbeFit,
     TrainConfig,
     inverse_frequency_weights,
     select_probe,
@@ -256,7 +254,7 @@ class TrialRunner:
         stages.done("head refit")
         fp32, runtime = self._export(model, config, prep, trial_dir, seed)
         deadline.check(stages.done("export and quantization"))
-        scores = self._score(config, model, runtime, cached, prep, refit)
+        scores = self._score(config, model, runtime, refit, prep)
         if info.get("epoch_choice_optimism"):  # the kept epoch's advantage on validation that is luck
             scores = replace(scores, accuracy=scores.holdout - float(info["epoch_choice_optimism"]))
         best_probe = incumbent() if incumbent is not None and scores.logits is not None else None
@@ -277,7 +275,7 @@ class TrialRunner:
         if not math.isfinite(scores.accuracy):
             raise FloatingPointError("accuracy is not finite")
         extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": zeros,
-                 "holdout_accuracy": scores.holdout, "head_refit_l2": refit.l2, "stage_seconds": stages.seconds, **info}
+                 "holdout_accuracy": scores.holdout, "head_refit_l2": refit.fit.l2, "stage_seconds": stages.seconds, **info}
         metrics = {"accuracy": scores.accuracy, "test_accuracy": scores.test, "train_seconds": train_seconds,
                    **extra}
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
@@ -383,43 +381,39 @@ class TrialRunner:
         return fp32, runtime
 
     # -- 5. scoring -------------------------------------------------------------------------
-    def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, cached: CachedArrays,
-               prep: Mapping[str, Any], refit: ProbeFit) -> Scores:
+    def _score(self, config: TrialConfig, model: ExportModel, runtime: Path, refit: HeadRefit,
+               prep: Mapping[str, Any]) -> Scores:
         """Validation and test accuracy of the file that ships. Its head (``refit``) was fit on the
         validation examples too, so each of them is scored by the fold head that did not see it, on
         the features the shipped file computes (int8 ones for an int8 file)."""
-        frozen_trunk = config.train.mode != "full" and (config.prune.method == "none"
-                                                        or config.drops_layers(self.modality.structured_pruning))
-        blocks = config.finetune_blocks
-        if config.quant.mode == "none" and frozen_trunk:
-            # The artifact is the trained fp32 model over the cached trunk: score it on the cached
-            # outputs (no second pass over the data), after checking on real inputs that the file
-            # computes the same.
-            inputs = {split: head_inputs(model, cached.arrays[split], blocks) for split in ("validation", "test")}
-            logits = {split: head_logits(model.head, inputs[split]) for split in inputs}
-            self._verify_artifact(runtime, model, cached.arrays["validation"], blocks, prep)
-            validation = inputs["validation"]
+        if config.quant.mode == "none":
+            # The artifact is the trained fp32 network: what its head reads on validation and test came
+            # out of the head refit's pass (the trunk's fp32 export, or the cached outputs of a trunk
+            # left as it was). Scored from those, after checking on real inputs that the file
+            # predicts the same: no second pass over the data.
+            validation = refit.inputs["validation"]
+            logits = {"test": head_logits(model.head, refit.inputs["test"])}
+            self._verify_artifact(runtime, model, validation, prep)
         else:
             encode = self.encoded.encoder(prep)
             _, validation = onnx_logits_and_head_inputs(runtime, self.modality, self.splits.validation, prep,
                                                         encode=encode)
             logits = {"test": onnx_logits(runtime, self.modality, self.splits.test, prep, encode=encode)}
         rows = len(self.splits.train) + np.arange(len(self.splits.validation))  # final_head pools train, then validation
-        logits["validation"] = refit.out_of_fold_logits(validation, rows)
+        logits["validation"] = refit.fit.out_of_fold_logits(validation, rows)
         holdout, test = (float((logits[split].argmax(1) == getattr(self.splits, split).labels).mean())
                          for split in ("validation", "test"))
         return Scores(accuracy=holdout, holdout=holdout, test=test, logits=logits)
 
-    def _verify_artifact(self, runtime: Path, model: ExportModel, trunk_outputs: tuple[np.ndarray, ...],
-                         blocks: int, prep: Mapping[str, Any], n: int = 64) -> None:
-        """The exported file must predict what the scored model predicts, on real inputs."""
+    def _verify_artifact(self, runtime: Path, model: ExportModel, validation_inputs: np.ndarray,
+                         prep: Mapping[str, Any], n: int = 64) -> None:
+        """The exported file must predict what the scored model predicts (its head on
+        ``validation_inputs``, what it reads on the validation split), on real inputs."""
         data = self.splits.validation
         n = min(n, len(data))
         session = ort_session(runtime)
         file_pred = session.run(["logits"], self.encoded.encoder(prep)(data.examples[:n]))[0].argmax(1)
-        with torch.no_grad():
-            feats = head_inputs(model, tuple(np.asarray(a[:n]) for a in trunk_outputs), blocks)
-            scored_pred = model.head(torch.from_numpy(np.array(feats, dtype=np.float32))).argmax(1).numpy()
+        scored_pred = head_logits(model.head, np.asarray(validation_inputs[:n])).argmax(1)
         agree = float((file_pred == scored_pred).mean())
         if agree < 0.95:
             raise ExportError(f"the exported model agrees with the trained model on only {agree:.0%} of "

@@ -43,6 +43,18 @@ PROBE_FIT_S = 5.0  # a cross-validated probe fit on a trial's features, at most 
 # pruning stage and their screens keep time for.
 REFIT_EPOCHS, REFIT_S = 1 / 3, PROBE_FIT_S
 
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadRefit:
+    """``TrainingSteps.final_head``'s outcome: the fit, and what the head reads on the validation and
+    test splits (``validation``, ``test``), computed in fp32 by the network as trained; empty for a
+    network that ships in int8 (its file's own features are scored)."""
+
+    fit: ProbeFit
+    inputs: Mapping[str, np.ndarray]
+
+
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decay when fine-tuning, when the configuration names none
 # Layer-wise learning-rate decay for full fine-tuning (ELECTRA and BEiT use 0.65-0.9).
 FULL_FINETUNE_LAYER_DECAY = 0.8
@@ -302,10 +314,13 @@ class TrainingSteps:
 
     # -- the head that ships ------------------------------------------------------------------
     def final_head(self, model: ExportModel, config: TrialConfig, cached: CachedArrays, prep: Mapping[str, Any], *,
-                   seed: int, deadline: Deadline, blocks: list[int] | None = None) -> ProbeFit:
+                   seed: int, deadline: Deadline, blocks: list[int] | None = None) -> HeadRefit:
         """Refit ``model``'s linear head, in place, on its network's features of train + validation, as a
         probe is: L2 cross-validated (``select_probe``), ``blocks`` each scaled on their own. Returns the
-        fit, whose fold heads score each validation example without having seen it (``Scores``).
+        fit, whose fold heads score each validation example without having seen it (``Scores``), and
+        the head's inputs on the validation and test splits for an fp32 network (none for int8): the
+        pass that computes a changed trunk's features (its fp32 export) runs the test split too, and
+        the network is scored from it without running its file over validation and test again.
 
         Training and pruning recovery fit the network to the training split alone, and a head fit there
         picks a weak L2 on features the network has already separated. With the validation rows pooled
@@ -324,14 +339,17 @@ class TrainingSteps:
         much as all the training rows together (about 3 each), +0.16; judged on them, unweighted, +0.08."""
         r = self.runner
         splits = {"train": r.splits.train, "validation": r.splits.validation}
+        scored = config.quant.mode == "none"  # the fp32 network is scored from these (an int8 file runs itself)
+        every = {**splits, "test": r.splits.test} if scored else splits
         if config.train.mode == "full" or config.prune.method != "none":  # the trunk changed: run it again
-            outs = run_trunk_splits(model.trunk, self.modality, {f"refit {s}": d.examples for s, d in splits.items()},
+            outs = run_trunk_splits(model.trunk, self.modality, {f"refit {s}": d.examples for s, d in every.items()},
                                     preprocessing=prep, progress=r.progress, accel=r.accelerator)
-            trunk_outputs = {s: outs[f"refit {s}"] for s in splits}
+            trunk_outputs = {s: outs[f"refit {s}"] for s in every}
         else:
-            trunk_outputs = {s: cached.arrays[s] for s in splits}
+            trunk_outputs = {s: cached.arrays[s] for s in every}
         deadline.check("the head refit's features")
-        features = np.concatenate([head_inputs(model, trunk_outputs[s], config.finetune_blocks) for s in splits])
+        inputs = {s: head_inputs(model, trunk_outputs[s], config.finetune_blocks) for s in every}
+        features = np.concatenate([inputs[s] for s in splits])
         labels = np.concatenate([d.labels for d in splits.values()])
         validation = np.arange(len(labels)) >= len(r.splits.train)
         fit = select_probe(features, labels, len(r.splits.classes), seed=seed,
@@ -341,7 +359,7 @@ class TrainingSteps:
                            judged_rows=validation if validation.any() else None)
         model.head = fit.head
         deadline.check("the head refit")
-        return fit
+        return HeadRefit(fit=fit, inputs={s: inputs[s] for s in ("validation", "test") if scored})
 
     def recover(self, model: ExportModel, prep: Mapping[str, Any], *, epochs: int, seed: int,
                  deadline: Deadline, stop: StopCheck | None, gmacs: float) -> None:
