@@ -271,20 +271,10 @@ def test_a_partial_fine_tuning_keeps_time_for_the_recovery_after_it(image_folder
 def test_a_text_epoch_is_costed_at_its_mean_example_not_the_longest(tiny_bert_dir, tmp_path) -> None:
     """Training GMACs follow what an epoch's length-grouped batches hold, padding included; latency's
     example is the longest of 64, which grows with ``max_length`` where most texts stay short."""
-    import csv
-
     from lepton_automl.training.finetune import length_grouped, length_rank
-    from tests.conftest import WORDS
 
-    rng = np.random.default_rng(0)
-    path = tmp_path / "texts.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        for label, words in WORDS.items():
-            for i in range(150):
-                n = 60 if i % 25 == 0 else int(rng.integers(2, 9))  # a few long texts among short ones
-                writer.writerow([" ".join(rng.choice(words, size=n)), label])
+    # a few long texts among short ones
+    path = _texts(tmp_path / "texts.csv", 150, lambda rng, i: 60 if i % 25 == 0 else int(rng.integers(2, 9)), seed=0)
     modality = TextModality()
     runner = _tiny_text_runner(modality, path, tiny_bert_dir, tmp_path)
     train = runner.splits.train.examples
@@ -354,18 +344,7 @@ def test_every_trial_at_one_length_is_measured_on_the_same_input(tiny_bert_dir, 
     """The latency example is drawn with the search's seed, once per preprocessing: two fine-tunes that
     differ only in their trial's seed, and the probe at the same length, count and time the same input.
     Texts of a long-tailed length make the longest of any 64 drawn depend on which were drawn."""
-    import csv
-
-    from tests.conftest import WORDS
-
-    rng = np.random.default_rng(1)
-    path = tmp_path / "texts.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        for label, words in WORDS.items():
-            for _ in range(60):
-                writer.writerow([" ".join(rng.choice(words, size=min(2 + int(rng.pareto(2.5) * 3), 50))), label])
+    path = _texts(tmp_path / "texts.csv", 60, lambda rng, _: min(2 + int(rng.pareto(2.5) * 3), 50), seed=1)
     runner = _tiny_text_runner(TextModality(), path, tiny_bert_dir, tmp_path)
     base = {"backbone": "tiny", "data__max_length": 64, "prune__method": "none", "quant__mode": "none"}
     full = {**base, "train__mode": "full", "train__epochs": 1, "optim__lr": 1e-3, "optim__weight_decay": 0.01}
@@ -384,3 +363,20 @@ def test_every_trial_at_one_length_is_measured_on_the_same_input(tiny_bert_dir, 
     assert gmacs[3] == gmacs[other]
     probe = runner.evaluate({**base, "train__mode": "probe"}, trial_dir=tmp_path / "probe", seed=5).extra["gmacs"]
     assert probe == pytest.approx(gmacs[3], rel=1e-6)
+
+
+def _texts(path, per_class: int, words_in, *, seed: int):
+    """A labelled CSV of ``per_class`` texts per topic of ``tests.conftest.WORDS``, text ``i`` of
+    ``words_in(rng, i)`` words drawn from its topic's."""
+    import csv
+
+    from tests.conftest import WORDS
+
+    rng = np.random.default_rng(seed)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for label, words in WORDS.items():
+            for i in range(per_class):
+                writer.writerow([" ".join(rng.choice(words, size=words_in(rng, i))), label])
+    return path
