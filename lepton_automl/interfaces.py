@@ -265,6 +265,13 @@ class Modality(ABC):
         hook; training batches are never reordered)."""
         return None
 
+    def same_inputs(self, examples: Sequence[Any],
+                    preprocessing: Mapping[str, Any]) -> list[tuple[dict[str, Any], np.ndarray]]:
+        """Other preprocessings, each with a mask of the ``examples`` that it encodes exactly as
+        ``preprocessing`` does (a text that fits in two ``max_length`` choices): their frozen features
+        are the same, so a search computes only the rest (optional hook; by default none)."""
+        return []
+
     def warm_start_variants(self, card: BackboneCard) -> list[dict[str, Any]]:
         """Modality parameters for the warm-start trials, best accuracy first (optional hook)."""
         return [self.default_params(card)]

@@ -380,3 +380,36 @@ def _texts(path, per_class: int, words_in, *, seed: int):
             for i in range(per_class):
                 writer.writerow([" ".join(rng.choice(words, size=words_in(rng, i))), label])
     return path
+
+
+def test_a_new_length_runs_only_the_texts_that_an_earlier_one_cut(tiny_bert_dir, tmp_path) -> None:
+    """Features at a second ``max_length``: a text that fits in both lengths takes the first one's cached
+    features, only the others run through the trunk, and the result is a whole extraction's."""
+    from lepton_automl.interfaces import build_seeded
+
+    path = _texts(tmp_path / "texts.csv", 60, lambda rng, i: 40 if i % 6 == 0 else int(rng.integers(2, 9)), seed=2)
+    modality = TextModality()
+
+    def extract(runner, length: int):
+        card = runner.registry.get("tiny")
+        params = {"backbone": "tiny", "data__max_length": length, "train__mode": "probe", "prune__method": "none",
+                  "quant__mode": "none"}
+        prep = runner._preprocessing([card], params)
+        parts = lambda: build_seeded(modality, card, runner.registry, params=params, finetune_blocks=0,  # noqa: E731
+                                     pretrained=True, seed=0)
+        return prep, runner.features(card, parts, prep, TrialConfig.from_params(params))
+
+    runner = _tiny_text_runner(modality, path, tiny_bert_dir, tmp_path / "one")
+    ran: dict[str, int] = {}
+    runner.progress = lambda desc, done, total: ran.__setitem__(desc, total)
+    every = [e for split in ("train", "validation", "test") for e in getattr(runner.splits, split).examples]
+    extract(runner, 64)
+    assert sum(ran.values()) == len(every)
+    ran.clear()
+    prep, reused = extract(runner, 32)
+    cut = sum(len(modality.encode([e], preprocessing={**prep, "max_length": 512})["input_ids"][0]) > 32 for e in every)
+    assert 0 < cut < len(every) / 4 and sum(ran.values()) == cut  # the long texts alone ran at 32
+    assert not reused.hit
+    _, whole = extract(_tiny_text_runner(modality, path, tiny_bert_dir, tmp_path / "two"), 32)
+    for split in ("train", "validation", "test"):
+        np.testing.assert_allclose(reused.arrays[split][0], whole.arrays[split][0], atol=1e-5)

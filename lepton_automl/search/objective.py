@@ -316,20 +316,70 @@ class TrialRunner:
 
     def features(self, card: BackboneCard, parts: Callable[[], ModelParts], prep: Mapping[str, Any],
                  config: TrialConfig, *, key: str | None = None) -> CachedArrays:
-        """Trunk outputs of every split, from the cache or computed (``parts`` is called only then)."""
+        """Trunk outputs of every split, from the cache or computed (``parts`` is called only then). An
+        example that another preprocessing encodes alike (``Modality.same_inputs``: a text that fits in
+        two ``max_length`` choices) has that preprocessing's cached features, if there are any: only
+        the others run through the trunk."""
         key = key or self.feature_key(card, prep, config)
         cached = self.cache.get(key)
-        if cached is None:
-            t0 = time.perf_counter()
-            names = {f"{card.name} {split}": split for split in ("train", "validation", "test")}
+        if cached is not None:
+            return cached
+        t0 = time.perf_counter()
+        splits = ("train", "validation", "test")
+        sizes = {split: len(getattr(self.splits, split)) for split in splits}
+        shared = self._shared_features(card, prep, config)
+        todo = {split: np.arange(n) if shared is None else np.flatnonzero(~shared[1][split]) for split, n in sizes.items()}
+        names = {f"{card.name} {split}": split for split in splits if len(todo[split])}
+        outputs = {}
+        if names:
+            examples = {split: getattr(self.splits, split).examples for split in splits}
             outputs = run_trunk_splits(parts().trunk, self.modality,
-                                       {name: getattr(self.splits, split).examples for name, split in names.items()},
+                                       {name: [examples[split][i] for i in todo[split]] for name, split in names.items()},
                                        preprocessing=prep, progress=self.progress, accel=self.accelerator,
                                        encode=self.encoded.encoder(prep))
-            arrays = {split: outputs[name] for name, split in names.items()}
-            cached = self.cache.put(key, arrays, seconds=time.perf_counter() - t0,
-                                    label=f"{card.name} {prep} blocks={config.finetune_blocks}")
-        return cached
+        computed = {split: outputs[name] for name, split in names.items()}
+        seconds = time.perf_counter() - t0
+        if shared is None:
+            arrays = computed
+        else:
+            other, alike = shared
+            arrays = {}
+            for split in splits:
+                rows = []
+                for i, kept in enumerate(other.arrays[split]):
+                    out = np.empty_like(np.asarray(kept))
+                    out[alike[split]] = kept[alike[split]]
+                    if split in computed:
+                        out[~alike[split]] = computed[split][i]
+                    rows.append(out)
+                arrays[split] = tuple(rows)
+            reused = sum(int(m.sum()) for m in alike.values()) / max(1, sum(sizes.values()))
+            logger.info("%s %s: %.0f%% of the examples encode as in cached features at another preprocessing; "
+                        "the other %d ran through the trunk (%.1fs)", card.name, dict(prep), 100 * reused,
+                        sum(len(t) for t in todo.values()), seconds)
+            seconds += reused * other.seconds  # what these features would cost computed whole
+        return self.cache.put(key, arrays, seconds=seconds, label=f"{card.name} {prep} blocks={config.finetune_blocks}")
+
+    def _shared_features(self, card: BackboneCard, prep: Mapping[str, Any],
+                         config: TrialConfig) -> tuple[CachedArrays, dict[str, np.ndarray]] | None:
+        """Cached features at another preprocessing and, per split, the examples it encodes as ``prep``
+        does (the one with most of them); None when there are none. Pooled features only: a cut trunk's
+        outputs (hidden states) are padded to their own set's longest example."""
+        if config.finetune_blocks:
+            return None
+        splits = [self.splits.train, self.splits.validation, self.splits.test]
+        every = [e for data in splits for e in data.examples]
+        best: tuple[str, np.ndarray] | None = None
+        for other, alike in self.modality.same_inputs(every, prep):
+            other_key = self.feature_key(card, other, config)
+            if alike.any() and self.cache.contains(other_key) and (best is None or alike.sum() > best[1].sum()):
+                best = (other_key, np.asarray(alike, dtype=bool))
+        found = None if best is None else self.cache.get(best[0])
+        if found is None or any(np.ndim(a) != 2 for arrays in found.arrays.values() for a in arrays):
+            return None
+        bounds = np.cumsum([0, *(len(data) for data in splits)])
+        return found, {name: best[1][bounds[k] : bounds[k + 1]]
+                       for k, name in enumerate(("train", "validation", "test"))}
 
     # -- 2. training ------------------------------------------------------------------------
     def class_weights_for_training(self) -> tuple[float, ...] | None:

@@ -51,6 +51,10 @@ class FeatureCache:
     def _dir(self, key: str) -> Path:
         return self.root / key
 
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is cached (without counting a hit or a miss)."""
+        return (self._dir(key) / "meta.json").is_file()
+
     def get(self, key: str) -> CachedArrays | None:
         folder = self._dir(key)
         meta_path = folder / "meta.json"

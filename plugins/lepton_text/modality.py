@@ -114,7 +114,7 @@ class TextModality(Modality):
 
     def __init__(self) -> None:
         self._tokenizers: dict[tuple[str, bool], Any] = {}
-        self._longest_tokens: dict[tuple[str, bool, str], int] = {}
+        self._token_counts: dict[tuple[str, bool, str], np.ndarray] = {}
 
     # -- ingest ----------------------------------------------------------------------------
     def can_load(self, source: Any) -> bool:
@@ -239,14 +239,32 @@ class TextModality(Modality):
         return prep
 
     def _longest(self, preprocessing: Mapping[str, Any], texts: list[str]) -> int:
-        """The most tokens any of ``texts`` takes, untruncated; counted once per tokenizer and data (a
-        search asks for every length and backbone, and tokenizing 100k texts takes seconds)."""
+        """The most tokens any of ``texts`` takes, untruncated."""
+        counts = self._tokens(preprocessing, texts)
+        return int(counts.max()) if len(counts) else 0
+
+    def _tokens(self, preprocessing: Mapping[str, Any], texts: list[str]) -> np.ndarray:
+        """How many tokens each of ``texts`` takes, untruncated (special tokens included, as ``max_length``
+        counts them); counted once per tokenizer and data (a search asks for every length and backbone,
+        and tokenizing 100k texts takes seconds)."""
         digest = hashlib.sha1("\0".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
         key = (str(preprocessing["tokenizer"]), bool(preprocessing.get("trust_remote_code", False)), digest)
-        if key not in self._longest_tokens:
+        if key not in self._token_counts:
             encoded = self._tokenizer(preprocessing)(texts, verbose=False)
-            self._longest_tokens[key] = max((len(ids) for ids in encoded["input_ids"]), default=0)
-        return self._longest_tokens[key]
+            self._token_counts[key] = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64,
+                                                  count=len(texts))
+        return self._token_counts[key]
+
+    def same_inputs(self, examples: Sequence[Any],
+                    preprocessing: Mapping[str, Any]) -> list[tuple[dict[str, Any], np.ndarray]]:
+        """Every other ``max_length`` the search draws, with the texts it encodes as ``preprocessing``
+        does: those that fit in both lengths, which neither truncates (a batch is padded to its longest
+        text, and attention masks the padding). Man-page summaries run to 256 tokens, but their median
+        is 9: most of a new length's features are an earlier length's."""
+        counts = self._tokens(preprocessing, [str(e) for e in examples])
+        length = int(preprocessing["max_length"])
+        return [({**preprocessing, "max_length": other}, counts <= min(length, other))
+                for other in MAX_LENGTHS if other != length]
 
     def _tokenizer(self, preprocessing: Mapping[str, Any]) -> Any:
         where, trust = str(preprocessing["tokenizer"]), bool(preprocessing.get("trust_remote_code", False))
