@@ -275,7 +275,8 @@ class TrialRunner:
         if not math.isfinite(scores.accuracy):
             raise FloatingPointError("accuracy is not finite")
         extra = {**measured, "cache_hit": cached.hit, "weight_zero_fraction": zeros,
-                 "holdout_accuracy": scores.holdout, "head_refit_l2": refit.fit.l2, "stage_seconds": stages.seconds, **info}
+                 "holdout_accuracy": scores.holdout, "head_refit_l2": refit.fit.l2, "stage_seconds": stages.seconds,
+                 **info}
         metrics = {"accuracy": scores.accuracy, "test_accuracy": scores.test, "train_seconds": train_seconds,
                    **extra}
         save_artifact(trial_dir, model=model, fp32_onnx=fp32, runtime_onnx=runtime, modality=self.modality,
@@ -328,13 +329,15 @@ class TrialRunner:
         splits = ("train", "validation", "test")
         sizes = {split: len(getattr(self.splits, split)) for split in splits}
         shared = self._shared_features(card, prep, config)
-        todo = {split: np.arange(n) if shared is None else np.flatnonzero(~shared[1][split]) for split, n in sizes.items()}
+        todo = {split: np.arange(n) if shared is None else np.flatnonzero(~shared[1][split])
+                for split, n in sizes.items()}
         names = {f"{card.name} {split}": split for split in splits if len(todo[split])}
         outputs = {}
         if names:
             examples = {split: getattr(self.splits, split).examples for split in splits}
             outputs = run_trunk_splits(parts().trunk, self.modality,
-                                       {name: [examples[split][i] for i in todo[split]] for name, split in names.items()},
+                                       {name: [examples[split][i] for i in todo[split]]
+                                        for name, split in names.items()},
                                        preprocessing=prep, progress=self.progress, accel=self.accelerator,
                                        encode=self.encoded.encoder(prep))
         computed = {split: outputs[name] for name, split in names.items()}

@@ -44,7 +44,6 @@ PROBE_FIT_S = 5.0  # a cross-validated probe fit on a trial's features, at most 
 REFIT_EPOCHS, REFIT_S = 1 / 3, PROBE_FIT_S
 
 
-
 @dataclasses.dataclass(frozen=True)
 class HeadRefit:
     """``TrainingSteps.final_head``'s outcome: the fit, and what the head reads on the validation and
