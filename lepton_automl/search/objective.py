@@ -40,6 +40,7 @@ from lepton_automl.log import get_logger
 from lepton_automl.search.budget import EpochPacer
 from lepton_automl.search.config import TrialConfig
 from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped, points_from_study
+from lepton_automl.search.follow_ups import enqueue_member_probes
 from lepton_automl.search.blend import PREDICTIONS_ATTR, save_predictions
 from lepton_automl.search.lead import Incumbent, judge_lead
 from lepton_automl.search.limits import Deadline, Limits, StageClock, TrialTimeout, usefulness_floor
@@ -193,6 +194,7 @@ class TrialRunner:
         if result.logits is not None:
             path = save_predictions(self.run_dir, trial.number, result.logits).resolve()
             trial.set_user_attr(PREDICTIONS_ATTR, str(path))
+        enqueue_member_probes(trial.study, config)  # an ensemble's members alone are cheap now (search/follow_ups.py)
         return result.values
 
     def equivalent(self, params: Mapping[str, Any]) -> dict[str, Any]:
