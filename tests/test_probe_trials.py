@@ -15,7 +15,9 @@ from lepton_automl.backbones import BackboneRegistry
 from lepton_automl.exceptions import ExportError
 from lepton_automl.export.artifact import Predictor, load_metadata, rebuild_model
 from lepton_automl.search import probe_trial
+from lepton_automl.search.early_stopping import EarlyStopping, StopCheck, TrialStopped
 from lepton_automl.search.probe_export import RECIPE, is_recipe, materialize
+from lepton_automl.search.retired import STOPPED_FP32_ATTR, STOPPED_SLOWER_ATTR
 from lepton_image import ImageModality
 from tests.test_pruning_in_search import _runner
 
@@ -57,6 +59,46 @@ def test_probes_share_one_fit_per_feature_set_and_one_trunk_per_signature(probed
     assert {"export", "measurement"} <= set(fp32.extra["stage_seconds"])
     assert not {"export", "quantization", "measurement"} & set(again.extra["stage_seconds"])
     assert {"features", "probe fit (cv)", "scoring"} <= set(again.extra["stage_seconds"])
+
+
+def test_an_int8_trunk_no_faster_than_its_fp32_twin_stops_before_running_the_splits(image_folder, tmp_path) -> None:
+    """Early stopping judges an int8 probe once its trunk is quantized and timed: one no faster than its
+    fp32 twin (batch 1 and serving batch) cannot reach the front, and its features are never computed;
+    one faster on either count runs on."""
+    modality = ImageModality()
+    runner = _runner(modality, modality.load(image_folder), BackboneRegistry(), tmp_path, "efficientnet_lite0")
+    fp32 = runner.evaluate({**BASE, "quant__mode": "none"}, trial_dir=tmp_path / "fp32", seed=0)
+    store = runner.probes.trunks
+    twin = store.get(fp32.extra["trunk"])
+    timed = dict(twin.measured)
+
+    def judge() -> StopCheck:
+        return StopCheck(rule=EarlyStopping(), points=lambda: [], backbone=BASE["backbone"], quant="int8")
+
+    # The fp32 entry holding a time no int8 trunk beats: the int8 trial stops once timed.
+    twin.measured.update(latency_ms=timed["latency_ms"] / 1e3, throughput_per_s=timed["throughput_per_s"] * 1e3)
+    stop = judge()
+    with pytest.raises(TrialStopped, match="no faster than the fp32 trunk"):
+        runner.evaluate({**BASE, "quant__mode": "int8"}, trial_dir=tmp_path / "int8", seed=1, stop=stop)
+    assert stop.record[STOPPED_FP32_ATTR] == timed["latency_ms"] / 1e3 < stop.record[STOPPED_SLOWER_ATTR]
+    assert [p.name for p in store.root.iterdir()] == [fp32.extra["trunk"]]  # no int8 entry was stored
+    # Its real times: which way it goes depends on this CPU's int8 kernels (VNNI or not); the rule holds.
+    twin.measured.update(timed)
+    stop = judge()
+    try:
+        int8 = runner.evaluate({**BASE, "quant__mode": "int8"}, trial_dir=tmp_path / "int8", seed=1, stop=stop)
+    except TrialStopped:
+        assert stop.record[STOPPED_SLOWER_ATTR] >= stop.record[STOPPED_FP32_ATTR] == fp32.latency_ms
+    else:
+        assert not stop.record and int8.extra["trunk_built"]
+        assert int8.latency_ms < fp32.latency_ms or int8.extra["throughput_per_s"] > fp32.extra["throughput_per_s"]
+        assert {"measurement", "quantized features"} <= set(int8.extra["stage_seconds"])
+    # The rule itself, on timings either way round.
+    slow = {"latency_ms": 20.8, "throughput_per_s": 60.0}
+    fast = {"latency_ms": 15.3, "throughput_per_s": 80.0}
+    assert "cannot reach the front" in probe_trial.not_faster(slow, fast, quant="int8", serving_batch=32)
+    assert probe_trial.not_faster(fast, slow, quant="int8", serving_batch=32) is None
+    assert probe_trial.not_faster({**slow, "throughput_per_s": 90.0}, fast, quant="int8", serving_batch=32) is None
 
 
 def test_a_probe_trial_writes_a_recipe_not_a_model(probed) -> None:

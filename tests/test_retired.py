@@ -13,7 +13,8 @@ from lepton_automl.data.split import split_data
 from lepton_automl.search.engine import DIRECTIONS
 from lepton_automl.search.objective import TrialRunner
 from lepton_automl.search.repeats import REPEAT_ATTR, repeats_in_a_row, skip_repeat, was_not_run
-from lepton_automl.search.retired import MIN_EVIDENCE, RAN_INSTEAD_ATTR, RETIRED_ATTR, is_retired, retirement
+from lepton_automl.search.retired import (
+    MIN_EVIDENCE, RAN_INSTEAD_ATTR, RETIRED_ATTR, STOPPED_FP32_ATTR, STOPPED_SLOWER_ATTR, is_retired, retirement)
 from lepton_automl.search.space import SearchSpace
 from lepton_automl.search.workers import counted_trials
 from lepton_automl.training.cache import FeatureCache
@@ -96,6 +97,22 @@ def test_int8_is_retired_where_it_is_not_faster_than_its_fp32_twin() -> None:
     _add(study, {**PROBE, "backbone": "e"}, accuracy=0.8, latency_ms=7.6)
     _add(study, {**int8, "backbone": "e"}, accuracy=0.78, latency_ms=2.9)
     assert retirement(study, int8) is None
+
+
+def test_an_int8_probe_stopped_as_no_faster_than_its_fp32_twin_retires_int8() -> None:
+    """An int8 probe that early stopping ended once its trunk was timed (no faster than its fp32
+    twin's, ``search/probe_trial.py``) is the same evidence as a completed, slower pair."""
+    study = _study()
+    int8 = {**PROBE, "quant__mode": "int8"}
+    _add(study, PROBE, accuracy=0.80, latency_ms=13.3)
+    _add(study, int8, accuracy=0.0, latency_ms=0.0, state=TrialState.PRUNED)  # stopped for another reason
+    assert retirement(study, int8) is None
+    _add(study, int8, accuracy=0.0, latency_ms=0.0, state=TrialState.PRUNED, early_stop_reason="no faster",
+         **{STOPPED_SLOWER_ATTR: 20.8, STOPPED_FP32_ATTR: 15.3})
+    retired = retirement(study, {**int8, "backbone": "d"})
+    assert retired is not None and retired.option == "int8 quantization"
+    assert "trial 2 ran in 20.80 ms, its fp32 twin in 15.30 ms" in retired.reason
+    assert retirement(study, int8, size_limited=True) is None
 
 
 @pytest.fixture(scope="module")

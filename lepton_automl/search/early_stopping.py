@@ -16,6 +16,11 @@ Both estimates lean towards keeping a trial:
   trial with the same quantization (the same backbone when one exists), times the MACs ratio that
   any structured pruning still to come would reach at best, (1 - amount)^2.
 
+A probe's int8 trunk is judged before it runs over the validation and test splits: quantized and timed
+with its head, an int8 trunk no faster than its fp32 twin's (at batch 1 and at the serving batch) is
+stopped there. Its accuracy is the fp32 features' less what quantization costs, so it cannot reach the
+front (``search/probe_trial.py``; ``search/retired.py`` counts it as int8 not paying).
+
 The cost objective is not consulted: at a fixed prediction volume it grows with latency, and a
 stopped trial's training cost is what it already spent. A stopped trial is recorded as PRUNED with
 the reason in its ``early_stop_reason`` user attribute; the accuracy curve of every trial is kept in
@@ -94,6 +99,7 @@ class StopCheck:
     started: float = field(default_factory=time.perf_counter)
     curve: list[tuple[str, int, float]] = field(default_factory=list)
     would_stop: tuple[float, str] | None = None
+    record: dict[str, Any] = field(default_factory=dict)  # facts behind a stop (``stop``), for the trial's attributes
 
     def latency_estimate(self, gmacs: float, points: Sequence[FrontPoint], macs_ratio: float = 1.0) -> float | None:
         same_quant = [p for p in points if p.quant == self.quant and p.gmacs]
@@ -125,7 +131,13 @@ class StopCheck:
             best = max(better, key=lambda p: p.accuracy)
             reason = (f"{stage} epoch {epoch}: {at_best} at about {latency:.3g} ms cannot reach the front: "
                       f"trial {best.number} has {best.accuracy:.4f} at {best.latency_ms:.3g} ms")
+        self.stop(reason)
+
+    def stop(self, reason: str, **record: Any) -> None:
+        """End the trial for ``reason`` (``TrialStopped``), or, in a dry run, log that it would have.
+        ``record``: facts behind the reason, kept on the trial as user attributes either way."""
         self.would_stop = (time.perf_counter() - self.started, reason)
+        self.record.update(record)
         if self.rule.dry_run:
             logger.info("early stopping (dry run) would stop here: %s", reason)
             return

@@ -172,6 +172,8 @@ class TrialRunner:
             trial.set_user_attr("stage_seconds", clock.so_far())
             trial.set_user_attr("early_stop_reason", str(exc))
             trial.set_user_attr("curve", stop.curve if stop else [])
+            for key, value in (stop.record if stop else {}).items():
+                trial.set_user_attr(key, value)
             logger.info("trial %d stopped early: %s", trial.number, exc)
             raise optuna.TrialPruned(str(exc)) from None
         except Exception as exc:
@@ -180,6 +182,8 @@ class TrialRunner:
             raise
         if stop is not None:
             trial.set_user_attr("curve", stop.curve)
+            for key, value in stop.record.items():
+                trial.set_user_attr(key, value)
             if stop.would_stop is not None:
                 trial.set_user_attr("early_stop_would_stop_s", stop.would_stop[0])
                 trial.set_user_attr("early_stop_reason", stop.would_stop[1])
@@ -228,7 +232,7 @@ class TrialRunner:
         prep = self._preprocessing(cards, params)
         if config.probe_only(self.modality.structured_pruning):
             return self.probes.evaluate(config, params, cards, prep, trial_dir=trial_dir, stages=stages,
-                                        deadline=deadline, search=search or {"seed": self.seed})
+                                        deadline=deadline, stop=stop, search=search or {"seed": self.seed})
         member_parts = [build_seeded(self.modality, c, self.registry, params=params,
                                      finetune_blocks=config.finetune_blocks, pretrained=self.pretrained, seed=self.seed)
                         for c in cards]

@@ -14,9 +14,10 @@ Two options cost much and pay only on some data or hardware, and the study can t
   VNNI it may not: on an AMD EPYC (Zen 1, AVX2) the lite0 glyph probe at 224 px ran in 15.7 ms in
   int8 and 13.3 ms in fp32, and the search still spent 160 of its 600 s on int8 trials. It is
   retired once a completed int8 trial has a completed fp32 twin (the same configuration otherwise:
-  the warm start runs one such pair first) and no int8 trial with a twin was at least
-  ``INT8_MIN_SPEEDUP`` faster than it. Not with a size limit, where int8's smaller file may be what
-  makes a model feasible.
+  the warm start runs one such pair first), or an int8 probe was stopped because its timed trunk
+  was no faster than its fp32 twin's (``search/early_stopping.py``), and no int8 trial with a twin
+  was at least ``INT8_MIN_SPEEDUP`` faster than it. Not with a size limit, where int8's smaller file
+  may be what makes a model feasible.
 
 A retired structured-pruning draw is recorded as pruned with ``RETIRED_ATTR`` and the reason, not
 run, not counted towards ``--n-trials`` (like a repeated configuration, ``search/repeats.py``), and the
@@ -48,6 +49,9 @@ RETIRED_ATTR = "retired"  # why this draw was not run: its option had not paid i
 RAN_INSTEAD_ATTR = "ran_instead"  # why this draw ran without the option it drew (Retirement.instead)
 MIN_EVIDENCE = 2  # structured-pruning trials that must end off the front before the option is retired
 INT8_MIN_SPEEDUP = 1.1  # fp32 twin's latency / int8 latency that shows int8 pays on this hardware
+# An int8 probe stopped once timed, no faster than its fp32 twin (search/probe_trial.py): both latencies
+STOPPED_SLOWER_ATTR = "compressed_latency_ms"
+STOPPED_FP32_ATTR = "uncompressed_latency_ms"
 
 
 @dataclass(frozen=True)
@@ -99,18 +103,22 @@ def _pruning_retired(study: Study, ran: list[FrozenTrial]) -> str | None:
 def _int8_retired(ran: list[FrozenTrial]) -> str | None:
     fp32 = {_frozen({**t.user_attrs["config"], "quant__mode": "none"}): t for t in ran
             if t.state == TrialState.COMPLETE and t.user_attrs["config"].get("quant__mode", "none") == "none"}
-    pairs = []
+    pairs = []  # (int8 trial, its latency, its fp32 twin's trial or None, the twin's latency)
     for t in ran:
-        if t.state != TrialState.COMPLETE or t.user_attrs["config"].get("quant__mode") != "int8":
+        if t.user_attrs["config"].get("quant__mode") != "int8":
+            continue
+        if t.state == TrialState.PRUNED and STOPPED_SLOWER_ATTR in t.user_attrs:
+            # stopped once timed: its trunk was no faster than its fp32 twin's (search/probe_trial.py)
+            pairs.append((t, float(t.user_attrs[STOPPED_SLOWER_ATTR]), None, float(t.user_attrs[STOPPED_FP32_ATTR])))
             continue
         twin = fp32.get(_frozen({**t.user_attrs["config"], "quant__mode": "none"}))
-        if twin is not None:
-            pairs.append((t, twin))
-    if not pairs or any(twin.values[1] >= INT8_MIN_SPEEDUP * t.values[1] for t, twin in pairs):
+        if twin is not None and t.state == TrialState.COMPLETE:
+            pairs.append((t, t.values[1], twin, twin.values[1]))
+    if not pairs or any(twin_ms >= INT8_MIN_SPEEDUP * ms for _, ms, _, twin_ms in pairs):
         return None
-    t, twin = pairs[0]
-    return (f"on this hardware it was not faster than fp32 (trial {t.number} ran in "
-            f"{t.values[1]:.2f} ms, its fp32 twin, trial {twin.number}, in {twin.values[1]:.2f} ms"
+    t, ms, twin, twin_ms = pairs[0]
+    return (f"on this hardware it was not faster than fp32 (trial {t.number} ran in {ms:.2f} ms, its fp32 twin"
+            + (f", trial {twin.number}," if twin is not None else "") + f" in {twin_ms:.2f} ms"
             + (f"; {len(pairs)} such pairs" if len(pairs) > 1 else "") + ")")
 
 
