@@ -260,9 +260,10 @@ class Modality(ABC):
         return {name: {0: "batch"} for name in self.input_names()}
 
     def batch_order(self, examples: Sequence[Any]) -> np.ndarray | None:
-        """An order of ``examples`` that batches alike ones together, for inference over many of them
-        (texts by length: ``encode`` pads a batch to its longest); None keeps them as given (optional
-        hook; training batches are never reordered)."""
+        """An order of ``examples`` that batches alike ones together (texts by length: ``encode`` pads a
+        batch to its longest); None keeps them as given (optional hook). Inference over many examples
+        runs in this order; fine-tuning still draws its batches at random, then sorts each run of
+        ``LENGTH_GROUP_BATCHES`` batches by it (``training.finetune.length_grouped``)."""
         return None
 
     def same_inputs(self, examples: Sequence[Any],

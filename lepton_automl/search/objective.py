@@ -87,6 +87,14 @@ CALIBRATION_EXAMPLES = 32
 CALIBRATION_VALUES = 8 * 3 * 224 * 224
 
 
+
+def _keep_stop_facts(trial: Any, stop: StopCheck | None) -> None:
+    """Early stopping's learning curve and the facts behind a stop (``StopCheck.record``), kept on
+    ``trial`` whether it stopped, completed or ran in a dry run."""
+    trial.set_user_attr("curve", stop.curve if stop is not None else [])
+    for key, value in (stop.record if stop is not None else {}).items():
+        trial.set_user_attr(key, value)
+
 @dataclass
 class TrialRunner:
     """Callable objective for ``study.optimize``; holds the state shared by all trials of a search."""
@@ -171,9 +179,7 @@ class TrialRunner:
         except TrialStopped as exc:
             trial.set_user_attr("stage_seconds", clock.so_far())
             trial.set_user_attr("early_stop_reason", str(exc))
-            trial.set_user_attr("curve", stop.curve if stop else [])
-            for key, value in (stop.record if stop else {}).items():
-                trial.set_user_attr(key, value)
+            _keep_stop_facts(trial, stop)
             logger.info("trial %d stopped early: %s", trial.number, exc)
             raise optuna.TrialPruned(str(exc)) from None
         except Exception as exc:
@@ -181,9 +187,7 @@ class TrialRunner:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
         if stop is not None:
-            trial.set_user_attr("curve", stop.curve)
-            for key, value in stop.record.items():
-                trial.set_user_attr(key, value)
+            _keep_stop_facts(trial, stop)
             if stop.would_stop is not None:
                 trial.set_user_attr("early_stop_would_stop_s", stop.would_stop[0])
                 trial.set_user_attr("early_stop_reason", stop.would_stop[1])
