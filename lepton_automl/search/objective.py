@@ -87,13 +87,13 @@ CALIBRATION_EXAMPLES = 32
 CALIBRATION_VALUES = 8 * 3 * 224 * 224
 
 
-
 def _keep_stop_facts(trial: Any, stop: StopCheck | None) -> None:
     """Early stopping's learning curve and the facts behind a stop (``StopCheck.record``), kept on
     ``trial`` whether it stopped, completed or ran in a dry run."""
     trial.set_user_attr("curve", stop.curve if stop is not None else [])
     for key, value in (stop.record if stop is not None else {}).items():
         trial.set_user_attr(key, value)
+
 
 @dataclass
 class TrialRunner:
