@@ -111,17 +111,19 @@ def test_the_temperature_undoes_overconfident_logits() -> None:
 
 @pytest.fixture(scope="module")
 def probes(image_folder, tmp_path_factory):
-    """A real search of three counted trials (the first two the warm start's probes), without a blend."""
+    """A real search of three counted trials (the first two the warm start's probes), without a blend.
+    Without early stopping: it stops an int8 twin timed no faster than fp32, which on a tiny network
+    is a coin toss, and the tests below need two completed trials."""
     root = tmp_path_factory.mktemp("blend-search")
     outcome = search(image_folder, backbones=["efficientnet_lite0"], n_trials=3, run_root=root, seed=0,
-                     blends=False, keep_all_artifacts=True)
+                     blends=False, keep_all_artifacts=True, early_stopping=None)
     return root, outcome
 
 
 def test_every_trial_stores_its_artifacts_logits(probes) -> None:
     _, outcome = probes
     done = outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    # two of the warm start's probes complete (its int8 twin may be stopped, timed no faster than fp32)
+    # the warm start's fp32 probe and int8 twin complete (no early stopping)
     assert counted_trials(outcome.study) == 3 and len(done) >= 2 and not any(is_blend_trial(t) for t in done)
     for t in done:
         z = load_predictions(t.user_attrs[PREDICTIONS_ATTR])
@@ -265,8 +267,11 @@ def test_a_text_blend_predicts_from_its_own_folder_wherever_it_goes(text_csv, ti
     registry = BackboneRegistry()
     registry.register(BackboneCard(name="tiny", ref=f"local-dir:{tiny_bert_dir}", modality="text", weights="local",
                                    max_length=64))
+    # two completed probes: without early stopping, which stops an int8 twin no faster than fp32 (a coin
+    # toss on a tiny network)
     outcome = search(text_csv, registry=registry, backbones=["tiny"], n_trials=2, run_root=tmp_path / "runs",
-                     blends=False, keep_all_artifacts=True, space_options={"train__mode": ["probe"]})
+                     blends=False, keep_all_artifacts=True, space_options={"train__mode": ["probe"]},
+                     early_stopping=None)
     done = outcome.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     profiles = load_profiles()
     splits = outcome.splits

@@ -27,6 +27,11 @@ from tests.conftest import make_image_folder
 SEARCH = [sys.executable, "-m", "lepton_automl.cli", "search"]
 
 
+# Every trial runs to its end: early stopping ends an int8 twin timed no faster than fp32, which on a
+# tiny network depends on this CPU's int8 kernels, and the crash test counts completed trials.
+NO_STOPS = ("--no-early-stopping",)
+
+
 def _search_args(data: Path, run_dir: Path, n_trials: int, *extra: str) -> list[str]:
     return [*SEARCH, "--data", str(data), "--run-dir", str(run_dir), "--n-trials", str(n_trials), "--backbone",
             "efficientnet_lite0", "--timeout", "900", "--study-name", "crash", *extra]
@@ -49,7 +54,7 @@ def test_a_search_killed_mid_trial_resumes_with_nothing_lost(tmp_path) -> None:
     url = f"sqlite:///{run_dir / 'lepton.db'}"
     # Its temporary folders (int8 quantization's) live under tmp_path: SIGKILL leaves them behind.
     (tmp_path / "tmp").mkdir()
-    process = subprocess.Popen(_search_args(data, run_dir, 3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    process = subprocess.Popen(_search_args(data, run_dir, 3, *NO_STOPS), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
     killed_number = None
     deadline = time.time() + 300
@@ -84,7 +89,7 @@ def test_a_search_killed_mid_trial_resumes_with_nothing_lost(tmp_path) -> None:
     assert killed_number is not None, f"the search never reached its second trial: {process.stderr.read()[-2000:]}"
     assert _study(url).trials[killed_number].state == TrialState.RUNNING  # what SIGKILL leaves behind
 
-    rerun = subprocess.run(_search_args(data, run_dir, 3), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_search_args(data, run_dir, 3, *NO_STOPS), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     trials = _study(url).trials
     states = [t.state for t in trials]
